@@ -10,20 +10,21 @@ shifting ids):
   2      <s>                                bos
   3      </s>                               eos, appended to every packed document
   4      <mask>                             MLM mask token
-  5-36   <extra_id_0> .. <extra_id_31>      span-corruption sentinels
-  37     <|system|>                         chat: system turn
-  38     <|user|>                           chat: user turn
-  39     <|assistant|>                      chat: assistant turn
-  40     <|end_of_turn|>                    chat: end of any turn
-  41     <|tool_call|>    42 <|/tool_call|>     a tool call (JSON) between them
-  43     <|tool_result|>  44 <|/tool_result|>   a tool's answer between them
+  5-104  <extra_id_0> .. <extra_id_99>      span-corruption sentinels (100, as T5:
+                                            T=1024 span corruption needs ~50)
+  105    <|system|>                         chat: system turn
+  106    <|user|>                           chat: user turn
+  107    <|assistant|>                      chat: assistant turn
+  108    <|end_of_turn|>                    chat: end of any turn
+  109    <|tool_call|>   110 <|/tool_call|>    a tool call (JSON) between them
+  111    <|tool_result|> 112 <|/tool_result|>  a tool's answer between them
 
-After the specials come the 256 byte-fallback pieces <0x00>..<0xFF> (ids 45-300),
+After the specials come the 256 byte-fallback pieces <0x00>..<0xFF> (ids 113-368),
 then the learned BPE pieces.
 
-Ids 4-44 are SentencePiece `user_defined_symbols`: the encoder matches their
+Ids 4-112 are SentencePiece `user_defined_symbols`: the encoder matches their
 literal text anywhere, so a user-written "<|user|>" inside plain text encodes to
-id 38. That is what makes chat transcripts round-trip, and it means untrusted
+id 106. That is what makes chat transcripts round-trip, and it means untrusted
 text must be escaped by the chat template if it may contain these strings.
 Ids 0-3 are control symbols: `encode` never emits them and `decode` drops them
 (decodes them to ""), so `decode(encode(text)) == text` for every text and a
@@ -49,7 +50,7 @@ import sentencepiece as spm
 # The one table of reserved tokens, piece -> fixed id, in id order.
 _CONTROL = ("<pad>", "<unk>", "<s>", "</s>")
 _MASK = "<mask>"
-_SENTINELS = tuple(f"<extra_id_{i}>" for i in range(32))
+_SENTINELS = tuple(f"<extra_id_{i}>" for i in range(100))
 _CHAT = (
     ("system", "<|system|>"),
     ("user", "<|user|>"),

@@ -32,25 +32,25 @@ def synthetic_corpus(num_docs=60, seed=0):
 
 @pytest.fixture(scope="module")
 def tok():
-  return tokenizer_lib.train_tokenizer(synthetic_corpus(), vocab_size=360)
+  return tokenizer_lib.train_tokenizer(synthetic_corpus(), vocab_size=430)
 
 
 def test_special_ids_are_fixed(tok):
   table = tokenizer_lib.SPECIAL_TOKENS
-  assert list(table.values()) == list(range(len(table))) == list(range(45))
+  assert list(table.values()) == list(range(len(table))) == list(range(113))
   for piece, i in table.items():
     assert tok.piece_to_id(piece) == i
     assert tok.id_to_piece(i) == piece
   assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id, tok.mask_id) == (0, 1, 2, 3, 4)
-  assert tok.sentinel_ids == list(range(5, 37))
-  assert tok.id_to_piece(tok.sentinel_ids[-1]) == "<extra_id_31>"
+  assert tok.sentinel_ids == list(range(5, 105))
+  assert tok.id_to_piece(tok.sentinel_ids[-1]) == "<extra_id_99>"
   assert tok.chat_ids == {
-      "system": 37, "user": 38, "assistant": 39, "end_of_turn": 40,
-      "tool_call": 41, "tool_call_end": 42, "tool_result": 43,
-      "tool_result_end": 44,
+      "system": 105, "user": 106, "assistant": 107, "end_of_turn": 108,
+      "tool_call": 109, "tool_call_end": 110, "tool_result": 111,
+      "tool_result_end": 112,
   }
-  assert tok.id_to_piece(45) == "<0x00>"  # byte fallback follows the specials
-  assert tok.vocab_size == 360
+  assert tok.id_to_piece(113) == "<0x00>"  # byte fallback follows the specials
+  assert tok.vocab_size == 430
 
 
 @pytest.mark.parametrize("text", [
@@ -94,7 +94,7 @@ def test_decode_drops_control_tokens(tok):
 
 
 def test_is_special_mask(tok):
-  ids = np.array([[0, 3, 4, 36], [44, 45, 200, 359]])
+  ids = np.array([[0, 3, 4, 104], [112, 113, 200, 429]])
   expected = np.array([[True, True, True, True], [True, False, False, False]])
   np.testing.assert_array_equal(tok.is_special_mask(ids), expected)
 
@@ -105,7 +105,7 @@ def test_encode_batch_matches_encode(tok):
 
 
 def test_training_is_deterministic(tok):
-  again = tokenizer_lib.train_tokenizer(synthetic_corpus(), vocab_size=360)
+  again = tokenizer_lib.train_tokenizer(synthetic_corpus(), vocab_size=430)
   assert again.fingerprint == tok.fingerprint
   assert len(tok.fingerprint) == 16
 
@@ -133,11 +133,11 @@ def test_foreign_model_is_rejected():
 
 def test_bad_vocab_sizes():
   with pytest.raises(ValueError, match="vocab_size"):
-    tokenizer_lib.train_tokenizer(synthetic_corpus(), vocab_size=300)
+    tokenizer_lib.train_tokenizer(synthetic_corpus(), vocab_size=368)
   with pytest.raises(ValueError, match="Vocabulary size too high"):
     tokenizer_lib.train_tokenizer(["a b a b\n"] * 10, vocab_size=2000)
   with pytest.raises(ValueError, match="no non-empty text"):
-    tokenizer_lib.train_tokenizer(["", "\n\n  \n"], vocab_size=400)
+    tokenizer_lib.train_tokenizer(["", "\n\n  \n"], vocab_size=470)
 
 
 def test_training_sample_respects_budget():
