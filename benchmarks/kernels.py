@@ -1,0 +1,313 @@
+"""Kernel benchmark: research.kernels vs the plain JAX versions at the "bench" shapes.
+
+    python -m benchmarks.kernels            # dense, attention (T=256), LM head; f32 and bf16
+    python -m benchmarks.kernels --long     # also attention at T=1024 and T=2048
+    python -m benchmarks.kernels --hlo      # also: where each dot of fwd+bwd runs (YNNPACK or not)
+    python -m benchmarks.kernels --reps 9   # more repetitions (default 5)
+
+Bench model: 6 layers, d_model 384, 6 heads of 64, T=256, batch 8 (N = B*T = 2048 rows),
+GELU MLP 4x, vocab 8192, tied embeddings.
+
+Every group of measurements is timed round-robin (variant after variant, `reps` times,
+median) *together with* a float32 2048x2048 jnp.dot, the denominator of "utilisation":
+the machine is shared and its speed drifts by 2x within minutes, so only ratios taken
+side by side mean anything.  "xDOT" columns are GFLOP/s divided by that dot's GFLOP/s
+measured in the same group.
+
+FLOP conventions: dense 2*N*D*F forward, 3x that forward+backward; attention
+4*B*T*T*N*H forward (the full square, as in 6N + 12*L*d*T; the blocked kernel skips
+fully masked blocks, so its number is an *effective* rate), 3x forward+backward (the
+kernel itself does one more score matmul in its backward); LM head 2*N*D*V forward,
+3x with backward.
+
+bf16 rows are run in both dot modes of research.kernels.BF16_DOTS: 'native' (bf16 x bf16
+-> f32 dots) and 'f32' (bf16-rounded operands on float32 dots); 'auto' picks native only
+on CPUs with avx512_bf16/amx_bf16.  The plain versions always use native bf16 dots.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research import kernels as K
+
+F32 = jnp.float32
+BF16 = jnp.bfloat16
+
+
+def cpu_summary() -> str:
+  model, flags = platform.processor() or "?", ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name") and model in ("?", "", "x86_64"):
+          model = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+          flags = line
+          break
+  except OSError:
+    pass
+  feats = [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {x}" in flags]
+  return f"{model}, {os.cpu_count()} cpus, features: {' '.join(feats) or 'unknown'}"
+
+
+def compare(fns: dict, reps: int) -> dict:
+  """fns: name -> (compiled, args).  Round-robin timing; median seconds per call."""
+  for f, a in fns.values():
+    jax.block_until_ready(f(*a))
+  times = {n: [] for n in fns}
+  for _ in range(reps):
+    for n, (f, a) in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(*a))
+      times[n].append(time.perf_counter() - t0)
+  return {n: float(np.median(v)) for n, v in times.items()}
+
+
+def _dot_entry():
+  a = jax.random.normal(jax.random.PRNGKey(99), (2048, 2048), F32)
+  return jax.jit(jnp.dot).lower(a, a).compile(), (a, a)
+
+
+DOT_FLOP = 2 * 2048**3
+
+
+def grad_fn(f, argnums):
+  """fwd+bwd of a scalar made from f's (first) output; returns the gradients."""
+  def loss(*a):
+    out = f(*a)
+    out = out[0] if isinstance(out, tuple) else out
+    return jnp.sum(out * out) if out.ndim else out
+  return jax.grad(loss, argnums=argnums)
+
+
+def run_group(title, variants, args, flop_fwd, reps):
+  """variants: name -> function(*args).  Times fwd and fwd+bwd of each with the dot."""
+  fns = {"DOT": _dot_entry()}
+  argnums = tuple(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating))
+  for name, f in variants.items():
+    fns[name + " fwd"] = (jax.jit(f).lower(*args).compile(), args)
+    fns[name + " fwd+bwd"] = (jax.jit(grad_fn(f, argnums)).lower(*args).compile(), args)
+  t = compare(fns, reps)
+  dot = DOT_FLOP / t.pop("DOT") / 1e9
+  print(f"\n{title}   [f32 2048^2 jnp.dot in this group: {dot:.0f} GFLOP/s]")
+  rows = {}
+  for name, sec in t.items():
+    flop = flop_fwd * (3 if name.endswith("fwd+bwd") else 1)
+    g = flop / sec / 1e9
+    rows[name] = (sec, g, g / dot)
+    print(f"  {name:34s} {sec * 1e3:9.2f} ms {g:8.1f} GFLOP/s {g / dot:6.2f} xDOT")
+  return rows, dot
+
+
+def with_mode(mode, f):
+  """Runs f with research.kernels.BF16_DOTS = mode while tracing."""
+  def g(*a):
+    old = K.BF16_DOTS
+    K.BF16_DOTS = mode
+    try:
+      return f(*a)
+    finally:
+      K.BF16_DOTS = old
+  return g
+
+
+def dtype_variants(plain, kernel):
+  """{label: (compute_dtype, {name: fn})} for f32 and bf16 (kernel in both dot modes)."""
+  return {
+      "float32": (F32, {"plain": plain(F32), "kernel": kernel(F32)}),
+      "bf16": (BF16, {"plain": plain(BF16),
+                      "kernel[native bf16 dots]": with_mode("native", kernel(BF16)),
+                      "kernel[f32 dots]": with_mode("f32", kernel(BF16))}),
+  }
+
+
+def bench_dense(reps):
+  n = 2048
+  shapes = {"mlp up 384->1536": (384, 1536), "mlp down 1536->384": (1536, 384),
+            "qkv 384->1152": (384, 1152), "attn out 384->384": (384, 384)}
+  results = {}
+  for label, (d, f) in shapes.items():
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, d), F32)
+    w = jax.random.normal(jax.random.PRNGKey(1), (d, f), F32) / np.sqrt(d)
+    for dname, (cd, variants) in dtype_variants(
+        lambda cd: (lambda x, w: K.dense_reference(x, w, cd)),
+        lambda cd: (lambda x, w: K.dense(x, w, cd))).items():
+      results[(label, dname)] = run_group(f"dense {label}, N={n}, {dname}", variants,
+                                          (x, w), 2 * n * d * f, reps)
+  return results
+
+
+def attention_inputs(b, t, n, kh, h, kind="causal"):
+  ks = jax.random.split(jax.random.PRNGKey(2), 3)
+  q = jax.random.normal(ks[0], (b, t, n, h), F32)
+  k = jax.random.normal(ks[1], (b, t, kh, h), F32)
+  v = jax.random.normal(ks[2], (b, t, kh, h), F32)
+  seg = jnp.ones((b, t), jnp.int32)
+  if kind == "causal":
+    prefix = jnp.zeros((b, t), bool)
+  elif kind == "prefix":
+    prefix = jnp.broadcast_to(jnp.arange(t) < t // 4, (b, t))
+  else:
+    prefix = jnp.ones((b, t), bool)
+  return q, k, v, seg, prefix
+
+
+def bench_attention(reps, configs):
+  results = {}
+  for (b, t, n, kh, h, kind) in configs:
+    args = attention_inputs(b, t, n, kh, h, kind)
+    flop = 4 * b * t * t * n * h
+    for dname, (cd, variants) in dtype_variants(
+        lambda cd: (lambda q, k, v, s, p: K.attention_reference(q, k, v, s, p, compute_dtype=cd)),
+        lambda cd: (lambda q, k, v, s, p: K.attention(q, k, v, s, p, compute_dtype=cd))).items():
+      if cd == F32:
+        variants["jax.nn.dot_product_attention"] = _dpa(F32)
+      label = f"attention B={b} T={t} N={n} K={kh} H={h} {kind}, {dname}"
+      results[(b, t, kind, dname)] = run_group(label, variants, args, flop, reps)
+  return results
+
+
+def _dpa(cd):
+  def f(q, k, v, seg, prefix):
+    mask = K.attention_mask(seg, prefix)[:, None]
+    return jax.nn.dot_product_attention(q.astype(cd), k.astype(cd), v.astype(cd),
+                                        mask=mask).astype(F32)
+  return f
+
+
+def bench_head(reps):
+  n, d, v = 2048, 384, 8192
+  ks = jax.random.split(jax.random.PRNGKey(3), 3)
+  h = jax.random.normal(ks[0], (n, d), F32)
+  w = jax.random.normal(ks[1], (v, d), F32) * 0.05
+  targets = jax.random.randint(ks[2], (n,), 0, v)
+  weights = jnp.ones((n,), F32)
+  results = {}
+  for dname, (cd, variants) in dtype_variants(
+      lambda cd: (lambda h, w: K.lm_head_loss_reference(h, w, targets, weights, compute_dtype=cd)),
+      lambda cd: (lambda h, w: K.lm_head_loss(h, w, targets, weights, compute_dtype=cd))).items():
+    results[dname] = run_group(f"LM head + loss N={n} D={d} V={v} (tied), {dname}", variants,
+                               (h, w), 2 * n * d * v, reps)
+  return results
+
+
+def hlo_report():
+  """Where each dot of the kernels' fwd+bwd runs, with native bf16 dots."""
+  print("\nHLO: dots of fwd+bwd with BF16_DOTS='native', compute bf16 "
+        "(ynn = YNNPACK fusion, the fast path; 'dot' = Eigen/DotThunk)")
+  x = jnp.ones((2048, 384), F32)
+  w = jnp.ones((384, 1536), F32)
+  q, k, v, seg, prefix = attention_inputs(8, 256, 6, 6, 64)
+  hh, we = jnp.ones((2048, 384), F32), jnp.ones((8192, 384), F32)
+  tg, wt = jnp.zeros((2048,), jnp.int32), jnp.ones((2048,), F32)
+  cases = {
+      "dense": (lambda x, w: K.dense(x, w, BF16), (x, w), (0, 1)),
+      "dense_reference": (lambda x, w: K.dense_reference(x, w, BF16), (x, w), (0, 1)),
+      "attention": (lambda q, k, v: K.attention(q, k, v, seg, prefix, compute_dtype=BF16),
+                    (q, k, v), (0, 1, 2)),
+      "lm_head_loss": (lambda h, w: K.lm_head_loss(h, w, tg, wt, compute_dtype=BF16),
+                       (hh, we), (0, 1)),
+      "lm_head_loss_reference": (
+          lambda h, w: K.lm_head_loss_reference(h, w, tg, wt, compute_dtype=BF16),
+          (hh, we), (0, 1)),
+  }
+  for name, (f, args, argnums) in cases.items():
+    txt = jax.jit(with_mode("native", grad_fn(f, argnums))).lower(*args).compile().as_text()
+    print(f"  {name:24s} {summarise_dots(txt)}")
+
+
+def summarise_dots(hlo_text: str) -> str:
+  """Counts dots by where they run: inside a ynn fusion computation, or standalone."""
+  comps, cur = {}, None
+  for line in hlo_text.splitlines():
+    s = line.strip()
+    if s.endswith("{") and "(" in s and not s.startswith("ROOT"):
+      cur = s.split()[0].lstrip("%")
+      if cur == "ENTRY":
+        cur = s.split()[1].lstrip("%")
+      comps[cur] = []
+    elif cur is not None:
+      comps[cur].append(s)
+  ynn_calls = set()
+  for lines in comps.values():
+    for s in lines:
+      if "__ynn_fusion" in s and "calls=%" in s:
+        ynn_calls.add(s.split("calls=%")[1].split(",")[0].split()[0])
+  counts = {}
+  for cname, lines in comps.items():
+    for s in lines:
+      if " dot(" in s:
+        out_t = s.split("=", 1)[1].strip().split("[")[0]
+        ops = s.split(" dot(")[1].split(")")[0]
+        where = "ynn" if cname in ynn_calls else "dot"
+        key = f"{where}:{out_t}"
+        counts[key] = counts.get(key, 0) + 1
+  converts = sum(1 for lines in comps.values() for s in lines
+                 if "f32[" in s.split("=", 1)[-1][:12] and " convert(" in s and "bf16" in s)
+  return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) + f"; bf16->f32 converts: {converts}"
+
+
+def step_estimate(dense_r, attn_r, head_r):
+  """Kernel-only estimate of the bench training step (no norms, GELU, embedding, AdamW)."""
+  print("\nKernel-only estimate of one bench step (6 layers; dots + attention + head, "
+        "fwd+bwd; excludes norms, GELU, residual adds, embedding, optimizer):")
+  layers = 6
+  tokens = 2048
+  flop_total = 89.7e6 * tokens  # 6N + 12 L d T per token, as in STACK_NOTES
+  for dname, plain_key, kern_keys in (
+      ("float32", "plain", ["kernel"]),
+      ("bf16", "plain", ["kernel[native bf16 dots]", "kernel[f32 dots]"])):
+    for key in [plain_key] + kern_keys:
+      sec, dots = 0.0, []
+      for label in ("mlp up 384->1536", "mlp down 1536->384", "qkv 384->1152", "attn out 384->384"):
+        rows, dot = dense_r[(label, dname)]
+        sec += layers * rows[f"{key} fwd+bwd"][0]
+        dots.append(dot)
+      rows, dot = attn_r[(8, 256, "causal", dname)]
+      sec += layers * rows[f"{key} fwd+bwd"][0]
+      dots.append(dot)
+      rows, dot = head_r[dname]
+      sec += rows[f"{key} fwd+bwd"][0]
+      dots.append(dot)
+      g = flop_total / sec / 1e9
+      ref = float(np.median(dots))
+      print(f"  {dname:8s} {key:26s} {sec * 1e3:8.1f} ms  {g:7.1f} GFLOP/s  "
+            f"{g / ref:5.2f} xDOT (median DOT of its groups {ref:.0f})")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--long", action="store_true", help="attention at T=1024, 2048 too")
+  parser.add_argument("--hlo", action="store_true", help="report where the dots run")
+  parser.add_argument("--only", default="dense,attention,head", help="comma list")
+  args = parser.parse_args()
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, CPU: {cpu_summary()}")
+  print(f"load average at start: {os.getloadavg()}")
+  print(f"BF16_DOTS={K.BF16_DOTS!r} -> native bf16 dots: {K.bf16_dots_native()}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  only = set(args.only.split(","))
+  dense_r = bench_dense(args.reps) if "dense" in only else None
+  attn_r = None
+  if "attention" in only:
+    configs = [(8, 256, 6, 6, 64, "causal"), (8, 256, 6, 2, 64, "prefix")]
+    if args.long:
+      configs += [(2, 1024, 6, 6, 64, "causal"), (1, 2048, 6, 6, 64, "causal")]
+    attn_r = bench_attention(args.reps, configs)
+  head_r = bench_head(args.reps) if "head" in only else None
+  if dense_r and attn_r and head_r:
+    step_estimate(dense_r, attn_r, head_r)
+  if args.hlo:
+    hlo_report()
+  print(f"\nload average at end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,590 @@
+"""Fast kernels for the language model on XLA:CPU: dense, attention, tied LM-head loss.
+
+Public API (all float32 in, float32 out; `compute_dtype` is the dtype of the dot
+operands, accumulation is always float32):
+
+  dense(x_NxD, w_DxF, compute_dtype=f32) -> f32 NxF
+  dense_reference(...)                                      plain jnp.dot, autodiff
+  attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, prefix_BxT, *,
+            compute_dtype=f32, impl='auto'|'blocked'|'reference', block_q=None,
+            q_positions=None, kv_positions=None, kv_segment_ids=None, kv_prefix=None)
+            -> f32 BxTxNxH
+  attention_reference(...same, no impl/block_q...)          einsum + mask + softmax
+  attention_mask(segment_ids_BxT, prefix_BxT, *, q_positions, kv_positions,
+                 kv_segment_ids, kv_prefix) -> bool BxTxS
+  lm_head_loss(h_NxD, w_VxD, targets_N, weights_N, *, z_loss=0.0, compute_dtype=f32,
+               chunk_size=None) -> (loss_sum, z_loss_sum, correct_sum)
+  lm_head_loss_reference(...same, no chunk_size...)
+  BF16_DOTS / bf16_dots_native(): how bf16 dots are executed (see below).
+
+See each function's docstring for why it is built the way it is, and
+benchmarks/kernels.py for the measurements.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+F32 = jnp.float32
+BF16 = jnp.bfloat16
+
+# --------------------------------------------------------------------------------------
+# bf16 dots: native, or emulated on float32 dots.
+# --------------------------------------------------------------------------------------
+
+#: How a bf16 (or other narrow float) "compute_dtype" dot is executed:
+#:   'native'  - the operands are cast to the compute dtype and the dot is a
+#:               bf16 x bf16 -> f32 dot (the fast path on CPUs with AVX512_BF16/AMX, GPUs, TPUs);
+#:   'f32'     - the operands are rounded to the compute dtype and then widened back to
+#:               float32, so the dot runs on the float32 kernels.  Products of two bf16
+#:               numbers are exact in float32 and accumulation is float32 in both
+#:               cases, so the two agree up to summation order; on CPUs without bf16
+#:               arithmetic (e.g. AVX2-only Zen 3) XLA's bf16 dot is ~0.6x the speed of
+#:               the float32 one, so this is what makes bf16 compute not lose there.
+#:   'auto'    - 'native' unless the backend is a CPU without avx512_bf16 / amx_bf16.
+#: Read at trace time: set it (or the environment variable RESEARCH_BF16_DOTS) before
+#: jitting.
+BF16_DOTS = os.environ.get("RESEARCH_BF16_DOTS", "auto")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_bf16_arithmetic() -> bool:
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = f.read()
+  except OSError:
+    return True  # unknown: assume a modern CPU
+  return ("avx512_bf16" in flags) or ("amx_bf16" in flags)
+
+
+def bf16_dots_native() -> bool:
+  """True if narrow-dtype dots run natively (see BF16_DOTS)."""
+  mode = BF16_DOTS
+  if mode == "native":
+    return True
+  if mode == "f32":
+    return False
+  if mode != "auto":
+    raise ValueError(f"BF16_DOTS must be 'auto', 'native' or 'f32', got {mode!r}")
+  if jax.default_backend() != "cpu":
+    return True
+  return _cpu_has_bf16_arithmetic()
+
+
+def _operand(x, compute_dtype):
+  """x as a dot operand for `compute_dtype` (float32 accumulation is implied).
+
+  Returns an array of compute_dtype (native) or float32 holding compute_dtype-rounded
+  values (emulated).  Residuals saved for a backward pass are produced by this function,
+  so in emulated mode they are float32 (the convert back from bf16 would otherwise be
+  recomputed at every use).
+  """
+  compute_dtype = jnp.dtype(compute_dtype)
+  if compute_dtype == F32:
+    return x.astype(F32)
+  if bf16_dots_native():
+    return x.astype(compute_dtype)
+  return x.astype(compute_dtype).astype(F32)
+
+
+def _dot(a, b, dims):
+  """dot_general with float32 accumulation and output."""
+  return lax.dot_general(a, b, dims, preferred_element_type=F32)
+
+
+_NN = (((1,), (0,)), ((), ()))  # (n,d) x (d,f) -> (n,f)
+_NT = (((1,), (1,)), ((), ()))  # (n,f) x (d,f) -> (n,d)
+
+
+def _dot_tn(a, b):
+  """a.T @ b for a: (N, D), b: (N, F) -> (D, F), float32.
+
+  Contracting the leading (row) axis of both operands is the "weight gradient" layout.
+  XLA:CPU lowers dot_general contracting ((0,), (0,)) on bf16 operands to
+  convert-to-f32 + an f32 dot (off the fast bf16 kernel).  Written as an einsum that
+  contracts two axes of the activations reshaped to (2, N/2, .), XLA instead
+  transposes one operand into a row-major (D, N) copy and keeps the bf16 dot
+  (see STACK_NOTES "Speed on these CPUs").  For odd N the plain form is used.
+  """
+  n = a.shape[0]
+  if n % 2:
+    return _dot(a, b, (((0,), (0,)), ((), ())))
+  if a.shape[1] > b.shape[1]:
+    # XLA materialises the transposed copy of the first operand: make it the smaller
+    # one and transpose the (small) result instead.
+    return lax.optimization_barrier(_dot_tn(b, a)).T
+  a2 = a.reshape(2, n // 2, a.shape[1])
+  b2 = b.reshape(2, n // 2, b.shape[1])
+  return jnp.einsum("knd,knf->df", a2, b2, preferred_element_type=F32)
+
+
+# --------------------------------------------------------------------------------------
+# dense
+# --------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense(x, w, compute_dtype):
+  return _dot(_operand(x, compute_dtype), _operand(w, compute_dtype), _NN)
+
+
+def _dense_fwd(x, w, compute_dtype):
+  xc, wc = _operand(x, compute_dtype), _operand(w, compute_dtype)
+  # Zero-size arrays only carry the input dtypes into the backward pass.
+  dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+  return _dot(xc, wc, _NN), (xc, wc, dtypes)
+
+
+def _dense_bwd(compute_dtype, res, g):
+  xc, wc, (xdt, wdt) = res
+  gc = _operand(g, compute_dtype)
+  dx = _dot(gc, wc, _NT)          # (N,F) x (D,F) -> (N,D): contracting (1,1)
+  dw = _dot_tn(xc, gc)            # (N,D)^T x (N,F) -> (D,F)
+  return dx.astype(xdt.dtype), dw.astype(wdt.dtype)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dense(x, w, compute_dtype=F32):
+  """y = x @ w with operands in `compute_dtype` and float32 accumulation.
+
+  Args:
+    x: (N, D) activations (any float dtype; the model passes float32 (B*T, D)).
+    w: (D, F) weights (float32 params).
+    compute_dtype: dtype of the dot operands (float32 or bfloat16).
+
+  Returns:
+    (N, F) float32.  Always float32 (the accumulator), whatever compute_dtype: the
+    residual stream, GELU and norms are float32 and an elementwise consumer fuses the
+    narrowing cast for the next dot anyway.
+
+  Gradients come back in the dtypes of x and w.  The custom VJP keeps every dot of
+  the backward pass in a layout XLA:CPU runs on its fast kernels (notably bf16 x bf16 ->
+  f32): dx = g @ w.T as dot_general contracting (1, 1), dw = x.T @ g via `_dot_tn`.
+  Autodiff of a plain jnp.dot instead produces a ((0,), (0,)) dot for dw, which XLA
+  turns into convert + float32 dot for bf16 inputs.
+  """
+  if x.ndim != 2 or w.ndim != 2:
+    raise ValueError(f"dense wants 2-D x and w, got {x.shape} and {w.shape}")
+  return _dense(x, w, jnp.dtype(compute_dtype))
+
+
+def dense_reference(x, w, compute_dtype=F32):
+  """Plain version of `dense` (autodiff backward)."""
+  return jnp.dot(x.astype(compute_dtype), w.astype(compute_dtype),
+                 preferred_element_type=F32)
+
+
+# --------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(F32).max)  # finite: a fully masked row gives no NaN
+
+
+def attention_mask(segment_ids, prefix, *, q_positions=None, kv_positions=None,
+                   kv_segment_ids=None, kv_prefix=None):
+  """Boolean (B, T, S) mask: query i may attend key j.
+
+  Rule: same segment and (pos_j <= pos_i or prefix_j).  prefix all False is causal,
+  all True bidirectional, a leading run of True a prefix-LM.  Padding (segment 0)
+  attends other padding, so no row is empty.  Positions default to arange (index in
+  the row); the kv_* arguments default to the query-side ones (self-attention) and
+  exist for decoding against a cache (kv_prefix defaults to all False when kv has a
+  different length than q).
+  """
+  b, t = segment_ids.shape
+  if kv_segment_ids is None:
+    kv_segment_ids = segment_ids
+  s = kv_segment_ids.shape[1]
+  if q_positions is None:
+    q_positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  if kv_positions is None:
+    kv_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+  if kv_prefix is None:
+    kv_prefix = prefix if (prefix is not None and prefix.shape[1] == s) else jnp.zeros((b, s), bool)
+  same = segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  visible = (kv_positions[:, None, :] <= q_positions[:, :, None]) | kv_prefix[:, None, :].astype(bool)
+  return same & visible
+
+
+def attention_reference(q, k, v, segment_ids, prefix, *, compute_dtype=F32,
+                        q_positions=None, kv_positions=None, kv_segment_ids=None,
+                        kv_prefix=None):
+  """Plain grouped-query attention: einsum, mask, float32 softmax, einsum.
+
+  q: (B, T, N, H); k, v: (B, S, K, H) with N % K == 0; segment_ids, prefix: (B, T).
+  Returns (B, T, N, H) float32.  Scores are scaled by 1/sqrt(H); operands of both
+  einsums are cast to compute_dtype with float32 accumulation; softmax is float32.
+  See `attention_mask` for the mask rule and the optional decoding arguments.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  g = n // kh
+  mask = attention_mask(segment_ids, prefix, q_positions=q_positions,
+                        kv_positions=kv_positions, kv_segment_ids=kv_segment_ids,
+                        kv_prefix=kv_prefix)
+  qg = q.reshape(b, t, kh, g, h).astype(compute_dtype)
+  s = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(compute_dtype),
+                 preferred_element_type=F32) / math.sqrt(h)
+  s = jnp.where(mask[:, None, None], s, _MASK_VALUE)
+  p = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("bkgts,bskh->btkgh", p.astype(compute_dtype), v.astype(compute_dtype),
+                 preferred_element_type=F32)
+  return o.reshape(b, t, n, h)
+
+
+def _block_ranges(t, block_q):
+  """Static query blocks [(start, end)] covering 0..t; the last may be short."""
+  return [(s, min(s + block_q, t)) for s in range(0, t, block_q)]
+
+
+def _block_mask(seg, prefix, qs, qe, kl):
+  """(B, 1, qe-qs, 1, kl) mask for queries qs..qe against keys 0..kl (self-attention)."""
+  qpos = jnp.arange(qs, qe)
+  kpos = jnp.arange(kl)
+  same = seg[:, qs:qe, None] == seg[:, None, :kl]
+  visible = (kpos[None, None, :] <= qpos[None, :, None]) | prefix[:, None, :kl]
+  return (same & visible)[:, None, :, None, :]
+
+
+def _blocked_fwd_core(qt, kt, vt, seg, prefix, block_q, compute_dtype):
+  """Forward over query blocks.  qt: (B,K,T,G,H) scaled operand; kt, vt: (B,K,T,H).
+
+  Returns o: (B,K,T,G,H) float32 and lse: (B,K,T,G) float32.
+  """
+  t = qt.shape[2]
+
+  def block(qi, mask, kl):
+    s = jnp.einsum("bkqgh,bklh->bkqgl", qi, kt[:, :, :kl], preferred_element_type=F32)
+    s = jnp.where(mask, s, _MASK_VALUE)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bkqgl,bklh->bkqgh", _operand(p, compute_dtype), vt[:, :, :kl],
+                   preferred_element_type=F32)
+    o = o / l
+    lse = (m + jnp.log(l))[..., 0]
+    return o, lse
+
+  outs, lses = [], []
+  for qs, qe in _block_ranges(t, block_q):
+    qi = qt[:, :, qs:qe]
+    causal = lambda qi, qs=qs, qe=qe: block(qi, _block_mask(seg, prefix, qs, qe, qe), qe)
+    full = lambda qi, qs=qs, qe=qe: block(qi, _block_mask(seg, prefix, qs, qe, t), t)
+    if qe == t:
+      o, lse = full(qi)
+    else:
+      o, lse = lax.cond(jnp.any(prefix[:, qe:]), full, causal, qi)
+    outs.append(o)
+    lses.append(lse)
+  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+
+
+def _blocked_bwd_core(qt, kt, vt, seg, prefix, lse, delta, do, block_q, compute_dtype):
+  """Backward over the same query blocks; returns dq (scaled-q grad), dk, dv in f32."""
+  t = qt.shape[2]
+  dk = jnp.zeros(kt.shape, F32)
+  dv = jnp.zeros(vt.shape, F32)
+  dqs = []
+
+  def block(args, mask, kl):
+    qi, doi, lsei, deltai, dk, dv = args
+    kr, vr = kt[:, :, :kl], vt[:, :, :kl]
+    s = jnp.einsum("bkqgh,bklh->bkqgl", qi, kr, preferred_element_type=F32)
+    p = jnp.where(mask, jnp.exp(s - lsei[..., None]), 0.0)
+    pc = _operand(p, compute_dtype)
+    dv_r = jnp.einsum("bkqgl,bkqgh->bklh", pc, doi, preferred_element_type=F32)
+    dp = jnp.einsum("bkqgh,bklh->bkqgl", doi, vr, preferred_element_type=F32)
+    ds = _operand(p * (dp - deltai[..., None]), compute_dtype)
+    dqi = jnp.einsum("bkqgl,bklh->bkqgh", ds, kr, preferred_element_type=F32)
+    dk_r = jnp.einsum("bkqgl,bkqgh->bklh", ds, qi, preferred_element_type=F32)
+    if kl == t:
+      return dqi, dk + dk_r, dv + dv_r
+    return dqi, dk.at[:, :, :kl].add(dk_r), dv.at[:, :, :kl].add(dv_r)
+
+  for qs, qe in _block_ranges(t, block_q):
+    args = (qt[:, :, qs:qe], do[:, :, qs:qe], lse[:, :, qs:qe], delta[:, :, qs:qe], dk, dv)
+    causal = lambda a, qs=qs, qe=qe: block(a, _block_mask(seg, prefix, qs, qe, qe), qe)
+    full = lambda a, qs=qs, qe=qe: block(a, _block_mask(seg, prefix, qs, qe, t), t)
+    if qe == t:
+      dqi, dk, dv = full(args)
+    else:
+      dqi, dk, dv = lax.cond(jnp.any(prefix[:, qe:]), full, causal, args)
+    dqs.append(dqi)
+  return jnp.concatenate(dqs, axis=2), dk, dv
+
+
+def _to_blocked_layout(q, k, v, compute_dtype):
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  scale = 1.0 / math.sqrt(h)
+  qt = _operand(q.astype(F32) * scale, compute_dtype)
+  qt = qt.reshape(b, t, kh, n // kh, h).transpose(0, 2, 1, 3, 4)
+  kt = _operand(k, compute_dtype).transpose(0, 2, 1, 3)
+  vt = _operand(v, compute_dtype).transpose(0, 2, 1, 3)
+  return qt, kt, vt
+
+
+def _from_blocked_layout(o):
+  b, kh, t, g, h = o.shape
+  return o.transpose(0, 2, 1, 3, 4).reshape(b, t, kh * g, h)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention_blocked(q, k, v, seg, prefix, block_q, compute_dtype):
+  qt, kt, vt = _to_blocked_layout(q, k, v, compute_dtype)
+  o, _ = _blocked_fwd_core(qt, kt, vt, seg, prefix, block_q, compute_dtype)
+  return _from_blocked_layout(o)
+
+
+def _attention_blocked_fwd(q, k, v, seg, prefix, block_q, compute_dtype):
+  qt, kt, vt = _to_blocked_layout(q, k, v, compute_dtype)
+  o, lse = _blocked_fwd_core(qt, kt, vt, seg, prefix, block_q, compute_dtype)
+  dtypes = tuple(jnp.zeros((0,), a.dtype) for a in (q, k, v))
+  return _from_blocked_layout(o), (qt, kt, vt, seg, prefix, o, lse, dtypes)
+
+
+def _attention_blocked_bwd(block_q, compute_dtype, res, g):
+  qt, kt, vt, seg, prefix, o, lse, (qdt, kdt, vdt) = res
+  b, kh, t, gg, h = o.shape
+  do = g.astype(F32).reshape(b, t, kh, gg, h).transpose(0, 2, 1, 3, 4)
+  delta = jnp.sum(do * o, axis=-1)
+  dq, dk, dv = _blocked_bwd_core(qt, kt, vt, seg, prefix, lse, delta,
+                                 _operand(do, compute_dtype), block_q, compute_dtype)
+  dq = _from_blocked_layout(dq) * (1.0 / math.sqrt(h))
+  dk = dk.transpose(0, 2, 1, 3)
+  dv = dv.transpose(0, 2, 1, 3)
+  return (dq.astype(qdt.dtype), dk.astype(kdt.dtype), dv.astype(vdt.dtype), None, None)
+
+
+_attention_blocked.defvjp(_attention_blocked_fwd, _attention_blocked_bwd)
+
+
+def default_block_q(t: int) -> int:
+  """Query-block size of the blocked attention for sequence length t (see `attention`)."""
+  if t <= 512:
+    return 64
+  return max(128, -(-t // 16 // 64) * 64)  # at most ~16 unrolled blocks
+
+
+def attention(q, k, v, segment_ids, prefix, *, compute_dtype=F32, impl="auto",
+              block_q=None, q_positions=None, kv_positions=None, kv_segment_ids=None,
+              kv_prefix=None):
+  """Grouped-query attention with segment / causal / prefix-LM masking.
+
+  Args:
+    q: (B, T, N, H) queries; k, v: (B, S, K, H) keys / values, N % K == 0 (GQA: query
+      head n uses kv head n // (N/K)).
+    segment_ids: (B, T) int, packed documents (0 = padding, which attends padding).
+    prefix: (B, T) bool, key j is visible to every query of its segment if prefix[j]
+      (all False: causal; all True: bidirectional; leading True run: prefix-LM).
+    compute_dtype: operand dtype of the two matmuls (float32 or bfloat16); scores,
+      softmax and the output are float32.
+    impl: 'auto' (= 'blocked' for self-attention, 'reference' when the decoding
+      arguments below are given), 'blocked' or 'reference'.
+    block_q: query-block size of 'blocked' (default `default_block_q(T)`).
+    q_positions, kv_positions, kv_segment_ids, kv_prefix: decoding against a cache,
+      see `attention_mask`; only 'reference' implements them.
+
+  Returns:
+    (B, T, N, H) float32.  Scale 1/sqrt(H).
+
+  The blocked version ('blocked') splits the queries into static blocks of block_q rows.
+  Query block [s, e) only needs keys [0, e) unless a later key is a prefix token, so
+  each block computes scores against keys [0, e) only; a `lax.cond` on
+  any(prefix[:, e:]) switches that block to all keys (bidirectional / prefix-LM rows).
+  With causal masks this skips (1 - 1/n_blocks)/2 of the score work.  A block is a
+  full-softmax over its key range (no running max across key blocks), small enough
+  that its (B, K, block_q*G, L) scores are cheap to keep, and big enough for efficient
+  batched matmuls.  The G = N/K query heads of a kv head are folded into the matmul
+  rows, so GQA reads each kv head once.  A custom VJP stores only the log-sum-exp per
+  row and recomputes the probabilities block by block in the backward pass (5 matmuls
+  per block instead of autodiff's 4 plus saved N x T x T probabilities and masks).
+  On XLA:CPU (2 cores) batched matmuls of these sizes run on one thread at ~45% of a
+  large 2-D dot; memory traffic of the softmax is the other cost, hence blocks.
+  """
+  if impl not in ("auto", "blocked", "reference"):
+    raise ValueError(f"unknown attention impl {impl!r}")
+  decoding = any(a is not None for a in (q_positions, kv_positions, kv_segment_ids, kv_prefix))
+  if impl == "reference" or (impl == "auto" and (decoding or q.shape[1] != k.shape[1])):
+    return attention_reference(q, k, v, segment_ids, prefix, compute_dtype=compute_dtype,
+                               q_positions=q_positions, kv_positions=kv_positions,
+                               kv_segment_ids=kv_segment_ids, kv_prefix=kv_prefix)
+  if decoding or q.shape[1] != k.shape[1]:
+    raise ValueError("impl='blocked' is self-attention only (no positions / cache)")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"N={q.shape[2]} query heads is not a multiple of K={k.shape[2]}")
+  t = q.shape[1]
+  bq = default_block_q(t) if block_q is None else int(block_q)
+  return _attention_blocked(q, k, v, segment_ids.astype(jnp.int32), prefix.astype(bool),
+                            min(bq, t), jnp.dtype(compute_dtype))
+
+
+# --------------------------------------------------------------------------------------
+# tied LM head + cross-entropy
+# --------------------------------------------------------------------------------------
+
+
+def _head_stats(logits, targets):
+  """Per-row (max, sum exp(logits - max), lse, target logit) of float32 logits (c, V)."""
+  m = jnp.max(logits, axis=-1)
+  p = jnp.exp(logits - m[:, None])
+  l = jnp.sum(p, axis=-1)
+  tgt = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+  return m, p, l, m + jnp.log(l), tgt
+
+
+def lm_head_loss_reference(h, w, targets, weights, *, z_loss=0.0, compute_dtype=F32):
+  """Plain tied-head loss: full (N, V) float32 logits, log-softmax, weighted sums.
+
+  h: (N, D); w: (V, D) embedding matrix (logits = h @ w.T); targets: (N,) int;
+  weights: (N,) float.  Returns (loss_sum, z_loss_sum, correct_sum), float32 scalars:
+    loss_sum   = sum_n weights_n * (logsumexp(logits_n) - logits_n[targets_n])
+    z_loss_sum = sum_n weights_n * z_loss * logsumexp(logits_n)**2
+    correct_sum = sum_n weights_n * [argmax(logits_n) == targets_n]
+  """
+  logits = jnp.einsum("nd,vd->nv", h.astype(compute_dtype), w.astype(compute_dtype),
+                      preferred_element_type=F32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  tgt = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(F32)
+  weights = weights.astype(F32)
+  return (jnp.sum(weights * (lse - tgt)), jnp.sum(weights * z_loss * lse**2),
+          jnp.sum(weights * correct))
+
+
+def _pad_rows(x, n):
+  return x if x.shape[0] == n else jnp.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def _chunked(h, targets, weights, chunk):
+  """Pads N to a multiple of chunk (weight 0) and reshapes to (N/chunk, chunk, ...)."""
+  n = h.shape[0]
+  n_pad = -(-n // chunk) * chunk
+  h, targets, weights = (_pad_rows(a, n_pad) for a in (h, targets, weights))
+  c = n_pad // chunk
+  return h.reshape(c, chunk, -1), targets.reshape(c, chunk), weights.reshape(c, chunk)
+
+
+def _head_chunk(hc, wc, t, wt, z_loss, compute_dtype, with_grad):
+  """One chunk: per-row (loss, z, correct) and, if with_grad, the gradient pieces.
+
+  Gradient pieces for cotangents (g_loss, g_z): dlogits = g_loss * a + g_z * b with
+    a = wt * (softmax - onehot(t)),   b = wt * 2 z_loss lse * softmax,
+  so dh = g_loss * (a @ W) + g_z * (b @ W) and dW = g_loss * a.T @ h + g_z * b.T @ h.
+  """
+  logits = _dot(hc, wc, _NT)  # (c, D) x (V, D) -> (c, V) float32
+  m, p, l, lse, tgt = _head_stats(logits, t)
+  # "correct" = the target's logit is the row maximum (argmax, except that a tie
+  # counts as correct); a variadic argmax reduce is ~10x slower than max on XLA:CPU.
+  rows = (lse - tgt, z_loss * lse**2, (tgt >= m).astype(F32))
+  if not with_grad:
+    return rows, None
+  onehot = jnp.arange(logits.shape[1])[None, :] == t[:, None]
+  a = _operand((wt / l)[:, None] * p - jnp.where(onehot, wt[:, None], 0.0), compute_dtype)
+  dh_a = _dot(a, wc, _NN)
+  dw_a = _dot_tn(a, hc)
+  if z_loss:
+    b = _operand((wt * 2.0 * z_loss * lse / l)[:, None] * p, compute_dtype)
+    dh_b, dw_b = _dot(b, wc, _NN), _dot_tn(b, hc)
+  else:
+    dh_b, dw_b = jnp.zeros_like(dh_a), None
+  return rows, (dh_a, dh_b, dw_a, dw_b)
+
+
+def _head_forward(h, w, targets, weights, z_loss, compute_dtype, chunk, with_grad):
+  """Scan over row chunks; never more than (chunk, V) logits alive."""
+  n, d = h.shape
+  wc = _operand(w, compute_dtype)
+  hs, ts, wts = _chunked(_operand(h, compute_dtype), targets, weights.astype(F32), chunk)
+  dw0 = jnp.zeros(w.shape, F32)
+  carry0 = (dw0, dw0 if z_loss else None)
+
+  def body(carry, xs):
+    hc, t, wt = xs
+    rows, grads = _head_chunk(hc, wc, t, wt, z_loss, compute_dtype, with_grad)
+    if not with_grad:
+      return carry, (rows, None)
+    dh_a, dh_b, dw_a, dw_b = grads
+    carry = (carry[0] + dw_a, None if dw_b is None else carry[1] + dw_b)
+    return carry, (rows, (dh_a, dh_b))
+
+  if hs.shape[0] == 1:  # one chunk: no loop
+    carry, ys = body(carry0, (hs[0], ts[0], wts[0]))
+    ys = jax.tree.map(lambda a: a[None], ys)
+  else:
+    carry, ys = lax.scan(body, carry0, (hs, ts, wts))
+  rows, dhs = ys
+  rows = tuple(r.reshape(-1)[:n] for r in rows)
+  wt = weights.astype(F32)
+  sums = tuple(jnp.sum(wt * r) for r in rows)
+  if not with_grad:
+    return sums, None
+  dh_a, dh_b = (x.reshape(-1, d)[:n] for x in dhs)
+  return sums, (rows, dh_a, dh_b, carry[0], carry[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _lm_head_loss(h, w, targets, weights, z_loss, compute_dtype, chunk):
+  sums, _ = _head_forward(h, w, targets, weights, z_loss, compute_dtype, chunk, False)
+  return sums
+
+
+def _lm_head_loss_fwd(h, w, targets, weights, z_loss, compute_dtype, chunk):
+  sums, res = _head_forward(h, w, targets, weights, z_loss, compute_dtype, chunk, True)
+  dtypes = tuple(jnp.zeros((0,), a.dtype) for a in (h, w, weights))
+  return sums, (res, dtypes)
+
+
+def _lm_head_loss_bwd(z_loss, compute_dtype, chunk, res, g):
+  (rows, dh_a, dh_b, dw_a, dw_b), (hdt, wdt, wtdt) = res
+  g_loss, g_z, g_correct = g
+  dh = g_loss * dh_a + g_z * dh_b
+  dw = g_loss * dw_a if dw_b is None else g_loss * dw_a + g_z * dw_b
+  dweights = g_loss * rows[0] + g_z * rows[1] + g_correct * rows[2]
+  return (dh.astype(hdt.dtype), dw.astype(wdt.dtype), None, dweights.astype(wtdt.dtype))
+
+
+_lm_head_loss.defvjp(_lm_head_loss_fwd, _lm_head_loss_bwd)
+
+
+def lm_head_loss(h, w, targets, weights, *, z_loss=0.0, compute_dtype=F32,
+                 chunk_size=None):
+  """Tied LM head + softmax cross-entropy, fused and chunked over rows.
+
+  Args:
+    h: (N, D) final hidden states (float32; N = B*T).
+    w: (V, D) embedding matrix; logits = h @ w.T (float32 accumulation).
+    targets: (N,) int token ids.
+    weights: (N,) float per-token weights (0 for padding / prompt).
+    z_loss: python float, coefficient of the z-loss.
+    compute_dtype: dot operand dtype (float32 or bfloat16); logits, softmax, loss f32.
+    chunk_size: rows per chunk (None: min(N, 1024)); N is padded with weight-0 rows.
+
+  Returns:
+    (loss_sum, z_loss_sum, correct_sum): float32 scalars, the weighted sums defined in
+    `lm_head_loss_reference`.  Divide by sum(weights) in the model.
+
+  Why this shape: the (N, V) logits are the largest tensor of the step (N=2048,
+  V=8192: 64 MiB f32), and on a CPU every elementwise pass over them is memory-bound.
+  A `lax.scan` over row chunks keeps at most (chunk, V) logits alive.  The custom VJP
+  computes the gradient *in the forward pass* (the loss is a sum, so d/dlogits is
+  known up to the scalar cotangents): softmax - onehot is formed while the chunk's
+  logits are hot, and dh, dW are accumulated right away; the backward pass only
+  scales.  That is 3 matmuls (logits, dh, dW; 4 with z_loss != 0), no recomputation
+  of logits and nothing of size N x V saved.  Without differentiation the plain
+  forward (no gradient work) runs.  Dot layouts: logits contract (1, 1), dh is a plain
+  (c, V) x (V, D), dW uses `_dot_tn`, all on XLA:CPU's fast (YNNPACK) kernels also for
+  bf16, which avoids the "Unsupported element type for DotThunk" failure that a tied
+  head hits when autodiff produces a bf16 ((0,), (0,)) dot.
+  """
+  n = h.shape[0]
+  chunk = min(n, 1024) if chunk_size is None else min(int(chunk_size), n)
+  return _lm_head_loss(h, w, targets, weights, float(z_loss), jnp.dtype(compute_dtype), chunk)

@@ -1,0 +1,238 @@
+"""research.kernels vs the plain reference versions: values and gradients.
+
+float32 compute is compared tightly (relative to the largest entry, ~1e-5); bfloat16
+compute loosely (bf16 has 8 mantissa bits; operands are rounded at slightly different
+points in the kernels and in the references).  The bf16 cases run in both dot modes of
+kernels.BF16_DOTS ('native' bf16 x bf16 -> f32 dots, and 'f32' emulation), so a dot that
+falls off XLA's bf16 path (`UNIMPLEMENTED: Unsupported element type for DotThunk`)
+fails here.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research import kernels as K
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+TOL = {F32: 2e-5, BF16: 3e-2}
+
+
+def assert_close(actual, expected, tol, what=""):
+  actual = np.asarray(jnp.asarray(actual, F32))
+  expected = np.asarray(jnp.asarray(expected, F32))
+  assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+  scale = max(float(np.max(np.abs(expected))), 1e-6)
+  err = float(np.max(np.abs(actual - expected))) / scale
+  assert err <= tol, f"{what}: max error {err:.2e} (relative to max |x| {scale:.3g}) > {tol}"
+
+
+@pytest.fixture(params=["f32", "native"])
+def bf16_mode(request, monkeypatch):
+  monkeypatch.setattr(K, "BF16_DOTS", request.param)
+  return request.param
+
+
+def weighted_sum(f, cotangent):
+  """Scalar <f(...), cotangent> so that grads use a non-trivial cotangent."""
+  return lambda *a: jnp.sum(f(*a) * cotangent)
+
+
+# --------------------------------------------------------------------------------------
+# dense
+
+
+@pytest.mark.parametrize("cd,n,mode", [(F32, 64, "f32"), (F32, 33, "f32"),  # odd N: fallback
+                                        (BF16, 64, "native"), (BF16, 64, "f32"),
+                                        (BF16, 33, "native")])
+def test_dense(cd, n, mode, monkeypatch):
+  monkeypatch.setattr(K, "BF16_DOTS", mode)
+  d, f = 48, 80
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(ks[0], (n, d), F32)
+  w = jax.random.normal(ks[1], (d, f), F32) / np.sqrt(d)
+  ct = jax.random.normal(ks[2], (n, f), F32)
+  y = jax.jit(lambda x, w: K.dense(x, w, cd))(x, w)
+  assert y.dtype == F32
+  assert_close(y, jax.jit(lambda x, w: K.dense_reference(x, w, cd))(x, w), TOL[cd], "dense value")
+  g = jax.jit(jax.grad(weighted_sum(lambda x, w: K.dense(x, w, cd), ct), argnums=(0, 1)))(x, w)
+  r = jax.jit(jax.grad(weighted_sum(lambda x, w: K.dense_reference(x, w, cd), ct), argnums=(0, 1)))(x, w)
+  assert g[0].dtype == F32 and g[1].dtype == F32
+  assert_close(g[0], r[0], TOL[cd], "dense dx")
+  assert_close(g[1], r[1], TOL[cd], "dense dw")
+
+
+def test_dense_bf16_inputs_give_bf16_grads():
+  x = jnp.ones((8, 4), BF16)
+  w = jnp.ones((4, 6), F32)
+  gx, gw = jax.grad(lambda x, w: jnp.sum(K.dense(x, w, BF16)), argnums=(0, 1))(x, w)
+  assert gx.dtype == BF16 and gw.dtype == F32
+  np.testing.assert_allclose(np.asarray(gx, np.float32), 6.0)
+  np.testing.assert_allclose(np.asarray(gw), 8.0)
+
+
+# --------------------------------------------------------------------------------------
+# attention
+
+
+def test_attention_mask_rule():
+  seg = jnp.array([[1, 1, 1, 2, 2, 0]])
+  prefix = jnp.array([[True, False, False, True, False, False]])
+  m = np.asarray(K.attention_mask(seg, prefix))[0].astype(int)
+  expected = np.array([
+      [1, 0, 0, 0, 0, 0],
+      [1, 1, 0, 0, 0, 0],
+      [1, 1, 1, 0, 0, 0],
+      [0, 0, 0, 1, 0, 0],
+      [0, 0, 0, 1, 1, 0],
+      [0, 0, 0, 0, 0, 1],
+  ])
+  np.testing.assert_array_equal(m, expected)
+  # the prefix token of segment 1 is visible to all of segment 1 (and only to it)
+  full_prefix = K.attention_mask(seg, jnp.ones_like(prefix))
+  np.testing.assert_array_equal(np.asarray(full_prefix)[0], np.asarray(seg[0][:, None] == seg[0][None, :]))
+
+
+T = 40  # not a multiple of the block size 16 used below
+
+
+def attn_inputs(b=2, t=T, n=4, kh=2, h=16, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(ks[0], (b, t, n, h), F32)
+  k = jax.random.normal(ks[1], (b, t, kh, h), F32)
+  v = jax.random.normal(ks[2], (b, t, kh, h), F32)
+  ct = jax.random.normal(ks[3], (b, t, n, h), F32)
+  return q, k, v, ct
+
+
+def masks(kind, t=T):
+  """Per-row mask kinds, 3 rows each.  'causal_rows': no key is a prefix key, so every
+  query block takes the causal-only branch; 'prefix_rows': some rows have prefix keys,
+  so early blocks take the all-keys branch."""
+  pos = jnp.arange(t)
+  packed = jnp.where(pos < 11, 1, jnp.where(pos < 30, 2, jnp.where(pos < 36, 3, 0)))
+  if kind == "causal_rows":  # causal; packed docs + padding; two docs
+    seg = jnp.stack([jnp.ones(t, jnp.int32), packed, jnp.where(pos < 25, 5, 6)])
+    return seg.astype(jnp.int32), jnp.zeros((3, t), bool)
+  if kind == "prefix_rows":  # bidirectional; prefix-LM (7 tokens); packed, prefix in doc 2
+    seg = jnp.stack([jnp.ones(t, jnp.int32), jnp.ones(t, jnp.int32), packed])
+    prefix = jnp.stack([jnp.ones(t, bool), pos < 7, (pos >= 11) & (pos < 21)])
+    return seg.astype(jnp.int32), prefix
+  raise ValueError(kind)
+
+
+@pytest.mark.parametrize("cd,kind,mode", [(F32, "causal_rows", "f32"), (F32, "prefix_rows", "f32"),
+                                          (BF16, "causal_rows", "native"),
+                                          (BF16, "prefix_rows", "f32")])
+def test_attention_blocked(cd, kind, mode, monkeypatch):
+  """GQA (N=4, K=2), T=40 in blocks of 16 (last block short), all mask kinds."""
+  monkeypatch.setattr(K, "BF16_DOTS", mode)
+  q, k, v, ct = attn_inputs(b=3)
+  seg, prefix = masks(kind)
+
+  def blocked(q, k, v):
+    return K.attention(q, k, v, seg, prefix, compute_dtype=cd, impl="blocked", block_q=16)
+
+  def ref(q, k, v):
+    return K.attention_reference(q, k, v, seg, prefix, compute_dtype=cd)
+
+  assert_close(jax.jit(blocked)(q, k, v), jax.jit(ref)(q, k, v), TOL[cd], "attention value")
+  g = jax.jit(jax.grad(weighted_sum(blocked, ct), argnums=(0, 1, 2)))(q, k, v)
+  r = jax.jit(jax.grad(weighted_sum(ref, ct), argnums=(0, 1, 2)))(q, k, v)
+  for name, a, e in zip("qkv", g, r):
+    assert_close(a, e, TOL[cd], f"attention d{name}")
+
+
+def test_attention_default_block_mha():
+  """Default block size (one block at T=40), plain multi-head attention, f32."""
+  q, k, v, ct = attn_inputs(b=3, n=2, kh=2)
+  seg, prefix = masks("prefix_rows")
+  f = lambda q, k, v: K.attention(q, k, v, seg, prefix)
+  r = lambda q, k, v: K.attention_reference(q, k, v, seg, prefix)
+  assert_close(jax.jit(f)(q, k, v), jax.jit(r)(q, k, v), TOL[F32], "value")
+  g = jax.jit(jax.grad(weighted_sum(f, ct), argnums=(0, 1, 2)))(q, k, v)
+  e = jax.jit(jax.grad(weighted_sum(r, ct), argnums=(0, 1, 2)))(q, k, v)
+  for name, a, b in zip("qkv", g, e):
+    assert_close(a, b, TOL[F32], f"d{name}")
+
+
+def test_attention_reference_gqa_matches_repeated_heads():
+  q, k, v, _ = attn_inputs(b=3, n=4, kh=2)
+  seg, prefix = masks("prefix_rows")
+  gqa = jax.jit(K.attention_reference)(q, k, v, seg, prefix)
+  mha = jax.jit(K.attention_reference)(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), seg, prefix)
+  assert_close(gqa, mha, 1e-6, "gqa")
+
+
+def test_attention_reference_decoding_positions():
+  """Last 3 queries against the full cache (explicit positions) == rows of the full pass."""
+  q, k, v, _ = attn_inputs(b=3, n=4, kh=2)
+  seg, prefix = masks("prefix_rows")
+  full = jax.jit(K.attention_reference)(q, k, v, seg, prefix)
+  b, t = seg.shape
+  rows = slice(t - 3, t)
+  dec = K.attention(q[:, rows], k, v, seg[:, rows], prefix[:, rows],
+                    q_positions=jnp.broadcast_to(jnp.arange(t)[rows], (b, 3)),
+                    kv_positions=jnp.broadcast_to(jnp.arange(t), (b, t)),
+                    kv_segment_ids=seg, kv_prefix=prefix)
+  assert_close(dec, full[:, rows], 1e-6, "decode")
+
+
+# --------------------------------------------------------------------------------------
+# LM head
+
+
+def head_inputs(n=37, d=16, v=50, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  h = jax.random.normal(ks[0], (n, d), F32)
+  w = jax.random.normal(ks[1], (v, d), F32) * 0.3
+  targets = jax.random.randint(ks[2], (n,), 0, v)
+  weights = (jax.random.uniform(ks[3], (n,)) > 0.2).astype(F32) * 1.5
+  return h, w, targets, weights
+
+
+@pytest.mark.parametrize("cd,z_loss,chunk", [(F32, 0.0, None), (F32, 1e-2, 16), (BF16, 1e-2, 8)])
+def test_lm_head_loss(cd, z_loss, chunk):
+  h, w, targets, weights = head_inputs()
+  cot = jnp.array([1.3, 0.7, 0.5])
+
+  def kern(h, w, weights):
+    return K.lm_head_loss(h, w, targets, weights, z_loss=z_loss, compute_dtype=cd,
+                          chunk_size=chunk)
+
+  def ref(h, w, weights):
+    return K.lm_head_loss_reference(h, w, targets, weights, z_loss=z_loss, compute_dtype=cd)
+
+  out, expected = jax.jit(kern)(h, w, weights), jax.jit(ref)(h, w, weights)
+  for name, a, e in zip(("loss", "z", "correct"), out, expected):
+    assert_close(a, e, TOL[cd], f"lm head {name}")
+  scalar = lambda f: (lambda *a: sum(c * x for c, x in zip(cot, f(*a))))
+  g = jax.jit(jax.grad(scalar(kern), argnums=(0, 1, 2)))(h, w, weights)
+  r = jax.jit(jax.grad(scalar(ref), argnums=(0, 1, 2)))(h, w, weights)
+  for name, a, e in zip(("dh", "dw", "dweights"), g, r):
+    assert_close(a, e, TOL[cd], f"lm head {name}")
+
+
+def test_lm_head_loss_bf16_modes(bf16_mode):
+  h, w, targets, weights = head_inputs(n=64)
+  kern = lambda h, w: K.lm_head_loss(h, w, targets, weights, z_loss=1e-3,
+                                     compute_dtype=BF16, chunk_size=32)[0]
+  ref = lambda h, w: K.lm_head_loss_reference(h, w, targets, weights, z_loss=1e-3,
+                                              compute_dtype=BF16)[0]
+  assert_close(jax.jit(kern)(h, w), jax.jit(ref)(h, w), TOL[BF16], "loss")
+  g = jax.jit(jax.grad(kern, argnums=(0, 1)))(h, w)
+  r = jax.jit(jax.grad(ref, argnums=(0, 1)))(h, w)
+  assert_close(g[0], r[0], TOL[BF16], "dh")
+  assert_close(g[1], r[1], TOL[BF16], "dw")
+
+
+def test_lm_head_loss_known_value():
+  """Uniform logits: loss = log V per token, z = z_loss * (log V)^2."""
+  n, d, v = 6, 4, 10
+  h = jnp.zeros((n, d))
+  w = jax.random.normal(jax.random.PRNGKey(1), (v, d))
+  targets = jnp.arange(n) % v
+  weights = jnp.ones((n,))
+  loss, z, _ = K.lm_head_loss(h, w, targets, weights, z_loss=0.1, chunk_size=4)
+  np.testing.assert_allclose(loss, n * np.log(v), rtol=1e-6)
+  np.testing.assert_allclose(z, n * 0.1 * np.log(v) ** 2, rtol=1e-6)
