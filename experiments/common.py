@@ -1,0 +1,227 @@
+"""What every experiment does at its edges: flags, clean errors, mesh, logging, progress.
+
+Kept small on purpose; the science lives in `research/`.
+"""
+import ast
+import difflib
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+from absl import app, logging
+
+from research import sharding
+
+
+class UserError(Exception):
+  """A problem with the user's input: printed as one line, no traceback."""
+
+
+def _load_config_file(spec: str):
+  path, _, arg = spec.partition(':')
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise UserError(f'--config={spec}: no such config file {path}')
+  module_spec = importlib.util.spec_from_file_location(f'_config_{file.stem}', file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserError(f'--config={spec}: {e}') from None
+
+
+def _parse_value(text: str, current, name: str):
+  """The override's value, as the type of the field it replaces."""
+  if isinstance(current, bool):
+    if text.lower() in ('true', '1', 'yes'):
+      return True
+    if text.lower() in ('false', '0', 'no'):
+      return False
+  elif isinstance(current, (int, float)):
+    try:
+      return type(current)(text) if isinstance(current, float) else int(text)
+    except ValueError:
+      pass
+  elif isinstance(current, str) or current is None:
+    return text
+  elif isinstance(current, (tuple, list)):
+    try:
+      value = ast.literal_eval(text)
+      if isinstance(value, (tuple, list)):
+        return type(current)(value)
+    except (ValueError, SyntaxError):
+      pass
+  raise UserError(f'--config.{name}={text}: expected a {type(current).__name__}')
+
+
+def apply_override(config, name: str, text: str) -> None:
+  """Sets config.<name> = text (typed like the field); a wrong key names the closest one."""
+  node, path = config, ''
+  keys = name.split('.')
+  for i, key in enumerate(keys):
+    if key not in node:
+      close = difflib.get_close_matches(key, list(node.keys()), n=1)
+      hint = f' (did you mean --config.{path}{close[0]}?)' if close else ''
+      raise UserError(f'unknown config key --config.{path}{key}{hint}')
+    if i == len(keys) - 1:
+      current = node[key]
+      if hasattr(current, 'keys'):
+        raise UserError(f'--config.{name} is a section, not a value')
+      setattr(node, key, _parse_value(text, current, name))
+    else:
+      node, path = node[key], f'{path}{key}.'
+
+
+def parse_config_args(argv, default_spec: str):
+  """Splits `--config=FILE:ARG` and `--config.a.b=VALUE` off argv -> (config, other args)."""
+  spec, sets, rest = default_spec, [], [argv[0]]
+  for arg in argv[1:]:
+    if arg.startswith('--config='):
+      spec = arg.split('=', 1)[1]
+    elif arg.startswith('--config.'):
+      name, eq, value = arg[len('--config.'):].partition('=')
+      if not eq:
+        raise UserError(f'{arg}: expected --config.{name}=VALUE')
+      sets.append((name, value))
+    else:
+      rest.append(arg)
+  config = _load_config_file(spec)
+  for name, value in sets:
+    apply_override(config, name, value)
+  return config, rest
+
+
+def run_experiment(main_fn, default_config: str):
+  """Runs main_fn(config) under absl; bad configs, data, meshes or workdirs end in one
+  line on stderr (exit 2), never a traceback."""
+  from research import checkpoint, data  # pylint: disable=g-import-not-at-top
+  user_errors = (UserError, data.DataError, checkpoint.CheckpointError, sharding.MeshError)
+  try:
+    config, argv = parse_config_args(sys.argv, default_config)
+  except user_errors as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+  def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    try:
+      return main_fn(config)
+    except user_errors as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+  app.run(main, argv=argv)
+
+
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() when a multi-host environment is set (TPU pods, SLURM)."""
+  env = os.environ
+  if any(k in env for k in ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS')) or (
+      'TPU_WORKER_HOSTNAMES' in env and ',' in env['TPU_WORKER_HOSTNAMES']) or (
+          int(env.get('SLURM_NTASKS', '1')) > 1):
+    jax.distributed.initialize()
+
+
+def make_mesh(shape) -> jax.sharding.Mesh:
+  """Mesh from config; one -1 entry takes all remaining devices."""
+  shape = list(shape)
+  if len(shape) != 3:
+    raise sharding.MeshError(f'mesh shape {tuple(shape)}: expected three sizes (data, fsdp, tensor)')
+  n = jax.device_count()
+  if shape.count(-1) > 1:
+    raise sharding.MeshError(f'mesh shape {tuple(shape)}: at most one -1')
+  if -1 in shape:
+    rest = int(np.prod([s for s in shape if s != -1]))
+    shape[shape.index(-1)] = max(1, n // rest)
+  size = int(np.prod(shape))
+  if size > n:
+    raise sharding.MeshError(f'mesh shape {tuple(shape)} needs {size} devices, {n} are available')
+  return sharding.make_mesh(shape, jax.devices()[:size])  # a smaller mesh uses the first devices
+
+
+class MetricWriter:
+  """Metrics to `metrics.jsonl` and TensorBoard; only process 0 writes."""
+
+  def __init__(self, workdir):
+    self.active = jax.process_index() == 0
+    self.jsonl = None
+    self.tb = None
+    if self.active:
+      workdir = pathlib.Path(workdir)
+      self.jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self.tb = SummaryWriter(str(workdir / 'tensorboard'))
+      except ImportError:
+        self.tb = None
+
+  def write(self, step: int, metrics: dict, prefix: str = '') -> None:
+    if not self.active:
+      return
+    row = {'step': int(step)}
+    for k, v in metrics.items():
+      name = f'{prefix}{k}'
+      if isinstance(v, str):
+        row[name] = v
+        if self.tb:
+          self.tb.add_text(name, v, step)
+        continue
+      v = float(v)
+      row[name] = v
+      if self.tb and math.isfinite(v):
+        self.tb.add_scalar(name, v, step)
+    self.jsonl.write(json.dumps(row) + '\n')
+    self.jsonl.flush()
+
+  def close(self):
+    if self.jsonl:
+      self.jsonl.close()
+    if self.tb:
+      self.tb.close()
+
+
+class Progress:
+  """One terminal line per report: step, loss, tokens/s, ETA."""
+
+  def __init__(self, total_steps: int, first_step: int = 0):
+    self.total, self.first = total_steps, first_step
+    self.start = time.time()
+    self.tty = sys.stdout.isatty()
+
+  def update(self, step: int, text: str, final: bool = False) -> None:
+    if jax.process_index() != 0:
+      return
+    done = max(step - self.first, 1)
+    eta = (time.time() - self.start) / done * (self.total - step)
+    width = 24
+    filled = int(width * step / max(self.total, 1))
+    bar = '#' * filled + '.' * (width - filled)
+    line = f'[{bar}] {step}/{self.total} {text} eta {eta:5.0f}s'
+    if self.tty and not final:
+      print('\r' + line, end='', flush=True)
+    else:
+      print(('\r' if self.tty else '') + line, flush=True)
+
+
+def log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def device_peak_flops() -> Optional[float]:
+  """Named bf16 peak of one accelerator (for MFU), None on CPU."""
+  kind = jax.devices()[0].device_kind.lower()
+  peaks = {'h100': 989e12, 'h200': 989e12, 'a100': 312e12, 'v5 lite': 197e12,
+           'v5e': 197e12, 'v4': 275e12, 'v5p': 459e12, 'v6': 918e12}
+  for name, peak in peaks.items():
+    if name in kind:
+      return peak
+  return None

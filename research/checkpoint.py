@@ -1,0 +1,153 @@
+"""Orbax checkpoints and the stage handoff: the one place that touches model files.
+
+A run's workdir holds
+  config.json         the resolved config of the run (written once, before training)
+  tokenizer.model     the tokenizer every stage after this one must use
+  checkpoints/N/      train state (sharded arrays), data-iterator state, meta (JSON:
+                      step, seed, tokenizer fingerprint, metrics at save time)
+Saves are asynchronous; a kill during one leaves `N.orbax-checkpoint-tmp`, which the
+manager ignores, so a restart resumes from the last complete step. Arrays restore
+into whatever shardings the caller asks for, so a checkpoint saved on one mesh loads
+onto another.
+"""
+import json
+import os
+import pathlib
+from typing import Any, Optional
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from research import model as model_lib
+from research import tokenizer as tokenizer_lib
+
+CONFIG_FILE = 'config.json'
+TOKENIZER_FILE = 'tokenizer.model'
+
+
+class CheckpointError(ValueError):
+  pass
+
+
+def write_json_atomic(path: pathlib.Path, obj) -> None:
+  tmp = path.with_suffix(path.suffix + '.tmp')
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+  os.replace(tmp, path)
+
+
+def abstract_like(shardings, shapes):
+  """ShapeDtypeStructs carrying the target shardings (restore onto any mesh)."""
+  return jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shardings, shapes)
+
+
+class Checkpointer:
+  """Async Orbax saves of (train state, data iterator, meta) every k steps, keeping n."""
+
+  def __init__(self, workdir, keep: int = 2, async_save: bool = True):
+    self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=async_save),
+        item_names=('state', 'data', 'meta'))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator, meta: dict) -> bool:
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**items))
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """-> (state, meta); restores the data iterator in place when given."""
+    items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored['state'], restored['meta']
+
+  def restore_params(self, step: int, abstract_params):
+    """Only the params subtree (for later stages), into the given shardings."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item={'params': abstract_params},
+            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
+                                      {'params': abstract_params}),
+            partial_restore=True)))
+    return restored['state']['params']
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def load_config(workdir) -> Optional[dict]:
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_tokenizer(workdir) -> tokenizer_lib.Tokenizer:
+  path = pathlib.Path(workdir) / TOKENIZER_FILE
+  if not path.exists():
+    raise CheckpointError(f'{path}: no tokenizer in this workdir')
+  return tokenizer_lib.Tokenizer.load(path)
+
+
+def check_same_model(saved: dict, config: dict, workdir, keys=('model', 'tokenizer')) -> None:
+  """A workdir only resumes the model it holds: a difference is a one-line error."""
+  for section in keys:
+    old, new = saved.get(section, {}), config.get(section, {})
+    for key in sorted(set(old) | set(new)):
+      if old.get(key) != new.get(key):
+        raise CheckpointError(
+            f'workdir {workdir} holds a different model ({section}.{key} is {old.get(key)!r} '
+            f'there, {new.get(key)!r} here): use a new --workdir')
+
+
+def check_tokenizer(meta: dict, tokenizer: tokenizer_lib.Tokenizer, where) -> None:
+  if meta.get('tokenizer_fingerprint') not in (None, tokenizer.fingerprint):
+    raise CheckpointError(f'{where}: checkpoint was trained with tokenizer '
+                          f'{meta["tokenizer_fingerprint"]}, not {tokenizer.fingerprint}')
+
+
+def load_stage(workdir, params_shardings_fn=None) -> tuple[Any, dict, tokenizer_lib.Tokenizer]:
+  """Handoff to a later stage: (params, config dict, tokenizer) of a finished run.
+
+  `params_shardings_fn(abstract_params) -> shardings` places the params on a mesh;
+  default: all on the first device.
+  """
+  workdir = pathlib.Path(workdir)
+  config = load_config(workdir)
+  if config is None:
+    raise CheckpointError(f'{workdir}: no {CONFIG_FILE}; is this a run folder?')
+  tokenizer = load_tokenizer(workdir)
+  ckpt = Checkpointer(workdir, async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    raise CheckpointError(f'{workdir}: no finished checkpoint')
+  cfg = model_lib.TransformerConfig.from_dict(config['model'])
+  if cfg.vocab_size != tokenizer.vocab_size:
+    raise CheckpointError(f'{workdir}: model vocab {cfg.vocab_size} != tokenizer vocab '
+                          f'{tokenizer.vocab_size}')
+  z = jnp.zeros((1, 8), jnp.int32)
+  shapes = nn.unbox(jax.eval_shape(model_lib.Transformer(cfg).init, jax.random.key(0), z, z, z,
+                                   jnp.zeros((1, 8), bool))['params'])
+  if params_shardings_fn is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, shapes)
+  else:
+    shardings = params_shardings_fn(shapes)
+  params = ckpt.restore_params(step, abstract_like(shardings, shapes))
+  meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  check_tokenizer(meta, tokenizer, workdir)
+  ckpt.close()
+  return params, config, tokenizer

@@ -1,0 +1,265 @@
+"""The Transformer: one file, top to bottom.
+
+A pre-norm decoder-style Transformer whose attention pattern comes from the batch,
+not from the class: every token carries a segment id (packed documents never see
+each other) and a `prefix` flag (a prefix token is visible to every token of its
+segment). All-False prefix is causal attention, all-True is bidirectional, a
+leading run of True is prefix-LM. So one model serves causal-LM, masked-LM,
+prefix-LM and span corruption, and the objective alone decides.
+
+The model returns final hidden states (after the last norm), plus an optional
+scalar per position (the reward model / value head). Logits are
+`hidden @ head_weights(params).T`; the training loss fuses that product with the
+cross-entropy (`kernels.lm_head_loss`) so the B·L·V logits never need to exist.
+
+Dimension letters:
+  B batch, L sequence length, D model width, N query heads, K key/value heads,
+  H head dim, F MLP hidden width, V vocabulary, S key length.
+
+Activations are kept 2-D, (B·L, D), around the dense layers: XLA:CPU runs those
+dots 2.5x faster than on (B, L, D) (STACK_NOTES). The residual stream, norms and
+softmax stay float32; only dot operands are cast to `compute_dtype`.
+"""
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from research import kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  vocab_size: int = 4096
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: Optional[int] = None  # None: = num_heads (MHA); fewer: GQA.
+  head_dim: Optional[int] = None  # None: d_model // num_heads.
+  mlp_dim: Optional[int] = None  # None: 4·d_model (gelu) or 8/3·d_model (swiglu).
+  mlp: str = 'gelu'  # 'gelu' | 'swiglu'
+  norm: str = 'rmsnorm'  # 'rmsnorm' | 'layernorm'
+  position: str = 'rope'  # 'rope' | 'learned'
+  max_len: int = 256  # only bounds learned positions.
+  rope_theta: float = 10_000.0
+  tie_embeddings: bool = True
+  scalar_head: bool = False
+  scan_layers: bool = True
+  remat: str = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs only)
+  compute_dtype: str = 'float32'  # dtype of dot operands; accumulation is float32.
+  param_dtype: str = 'float32'
+  attention_impl: str = 'auto'  # see kernels.attention
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    for name, allowed in (('mlp', ('gelu', 'swiglu')), ('norm', ('rmsnorm', 'layernorm')),
+                          ('position', ('rope', 'learned')), ('remat', ('none', 'full', 'dots')),
+                          ('compute_dtype', ('float32', 'bfloat16')),
+                          ('param_dtype', ('float32', 'bfloat16'))):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f'model.{name}={getattr(self, name)!r}: expected one of {allowed}')
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f'model.num_heads={self.num_heads} is not a multiple of '
+                       f'model.num_kv_heads={self.kv_heads}')
+
+  @classmethod
+  def from_dict(cls, d) -> 'TransformerConfig':
+    """From a config dict, where 0 stands for None (ml_collections fields keep one type)."""
+    d = dict(d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f'unknown model config keys: {sorted(unknown)}')
+    for k in ('num_kv_heads', 'head_dim', 'mlp_dim'):
+      d[k] = d.get(k) or None
+    return cls(**d)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def hidden_dim(self) -> int:
+    if self.mlp_dim:
+      return self.mlp_dim
+    if self.mlp == 'swiglu':  # same parameter count as a 4x GELU MLP, rounded to 64.
+      return 64 * round(8 * self.d_model / 3 / 64)
+    return 4 * self.d_model
+
+
+def _param(module, name, shape, axes, std, dtype):
+  init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+  return module.param(name, init, shape, jnp.dtype(dtype))
+
+
+def _constrain(x, axes):
+  return nn.with_logical_constraint(x, axes)
+
+
+class Norm(nn.Module):
+  """RMSNorm or LayerNorm over the last axis, computed in float32."""
+  kind: str
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                       (d,), jnp.float32)
+    x = x.astype(jnp.float32)
+    if self.kind == 'layernorm':
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
+      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)),
+                        (d,), jnp.float32)
+    else:
+      bias = 0.0
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return x * scale + bias
+
+
+def rope(x_BxLxNxH, positions_BxL, theta):
+  """Rotary position embedding (rotate-half form), in float32."""
+  h = x_BxLxNxH.shape[-1]
+  freq_H2 = theta ** (-jnp.arange(0, h // 2, dtype=jnp.float32) / (h // 2))
+  angle_BxLx1xH2 = positions_BxL[:, :, None, None].astype(jnp.float32) * freq_H2
+  sin, cos = jnp.sin(angle_BxLx1xH2), jnp.cos(angle_BxLx1xH2)
+  x = x_BxLxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nn.Module):
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_MxD, positions_BxL, segment_ids_BxL, prefix_BxL):
+    cfg = self.cfg
+    b, l = positions_BxL.shape
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5  # GPT-2: keep the residual sum O(1)
+    w_q = _param(self, 'query', (d, n * h), ('embed', 'heads'), cfg.init_std, cfg.param_dtype)
+    w_k = _param(self, 'key', (d, k * h), ('embed', 'kv_heads'), cfg.init_std, cfg.param_dtype)
+    w_v = _param(self, 'value', (d, k * h), ('embed', 'kv_heads'), cfg.init_std, cfg.param_dtype)
+    w_o = _param(self, 'out', (n * h, d), ('heads', 'embed'), out_std, cfg.param_dtype)
+
+    dense = lambda x, w: kernels.dense(x, w, compute_dtype=cfg.compute_dtype)
+    q_BxLxNxH = dense(x_MxD, w_q).reshape(b, l, n, h)
+    k_BxLxKxH = dense(x_MxD, w_k).reshape(b, l, k, h)
+    v_BxLxKxH = dense(x_MxD, w_v).reshape(b, l, k, h)
+    if cfg.position == 'rope':
+      q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
+      k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)
+    q_BxLxNxH = _constrain(q_BxLxNxH, ('batch', 'length', 'act_heads', None))
+    out_BxLxNxH = kernels.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, prefix_BxL,
+                                    compute_dtype=cfg.compute_dtype, impl=cfg.attention_impl)
+    return dense(out_BxLxNxH.reshape(b * l, n * h), w_o)
+
+
+class Mlp(nn.Module):
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_MxD):
+    cfg = self.cfg
+    d, f = cfg.d_model, cfg.hidden_dim
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    dense = lambda x, w: kernels.dense(x, w, compute_dtype=cfg.compute_dtype)
+    w_up = _param(self, 'up', (d, f), ('embed', 'mlp'), cfg.init_std, cfg.param_dtype)
+    w_down = _param(self, 'down', (f, d), ('mlp', 'embed'), out_std, cfg.param_dtype)
+    up_MxF = dense(x_MxD, w_up)
+    if cfg.mlp == 'swiglu':
+      w_gate = _param(self, 'gate', (d, f), ('embed', 'mlp'), cfg.init_std, cfg.param_dtype)
+      hidden_MxF = nn.silu(dense(x_MxD, w_gate)) * up_MxF
+    else:
+      hidden_MxF = nn.gelu(up_MxF, approximate=True)
+    hidden_MxF = _constrain(hidden_MxF, ('batch', 'act_mlp'))
+    return dense(hidden_MxF, w_down)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block. Signature (carry, broadcast) -> (carry, None) for nn.scan."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_MxD, aux):
+    positions_BxL, segment_ids_BxL, prefix_BxL = aux
+    x_MxD = x_MxD + Attention(self.cfg, name='attention')(
+        Norm(self.cfg.norm, name='attention_norm')(x_MxD), positions_BxL, segment_ids_BxL,
+        prefix_BxL)
+    x_MxD = x_MxD + Mlp(self.cfg, name='mlp')(Norm(self.cfg.norm, name='mlp_norm')(x_MxD))
+    return _constrain(x_MxD, ('batch', 'act_embed')), None
+
+
+def _block_class(cfg: TransformerConfig):
+  if cfg.remat == 'none':
+    return Block
+  policy = (jax.checkpoint_policies.checkpoint_dots if cfg.remat == 'dots'
+            else jax.checkpoint_policies.nothing_saveable)
+  return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class Transformer(nn.Module):
+  """tokens, positions, segment ids, prefix flags (all B×L) -> (hidden B×L×D, scalar B×L | None)."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, prefix_BxL):
+    cfg = self.cfg
+    b, l = tokens_BxL.shape
+    embed_VxD = _param(self, 'embed', (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
+                       cfg.init_std, cfg.param_dtype)
+    x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0).astype(jnp.float32)
+    if cfg.position == 'learned':
+      pos_PxD = _param(self, 'position_embed', (cfg.max_len, cfg.d_model), (None, 'embed'),
+                       cfg.init_std, cfg.param_dtype)
+      x_BxLxD = x_BxLxD + jnp.take(pos_PxD, positions_BxL, axis=0)
+    x_MxD = _constrain(x_BxLxD.reshape(b * l, cfg.d_model), ('batch', 'act_embed'))
+
+    aux = (positions_BxL, segment_ids_BxL, prefix_BxL)
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                       in_axes=nn.broadcast, length=cfg.num_layers,
+                       metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_MxD, _ = layers(cfg, name='layers')(x_MxD, aux)
+    else:
+      for i in range(cfg.num_layers):
+        x_MxD, _ = block(cfg, name=f'layer_{i}')(x_MxD, aux)
+
+    hidden_MxD = Norm(cfg.norm, name='final_norm')(x_MxD)
+    if not cfg.tie_embeddings:
+      _param(self, 'unembed', (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
+             cfg.init_std, cfg.param_dtype)
+    scalar_BxL = None
+    if cfg.scalar_head:
+      w_Dx1 = _param(self, 'scalar_head', (cfg.d_model, 1), ('embed', None), cfg.init_std,
+                     jnp.float32)
+      scalar_BxL = (hidden_MxD @ w_Dx1).reshape(b, l)
+    return hidden_MxD.reshape(b, l, cfg.d_model), scalar_BxL
+
+
+def head_weights(params) -> jax.Array:
+  """The V×D matrix whose product with the hidden states gives the logits."""
+  return params['unembed'] if 'unembed' in params else params['embed']
+
+
+def logits(params, hidden_BxLxD, compute_dtype='float32') -> jax.Array:
+  """Full logits (float32). Training uses the fused loss instead; sampling uses this."""
+  b, l, d = hidden_BxLxD.shape
+  w_VxD = head_weights(params)
+  out = kernels.dense(hidden_BxLxD.reshape(b * l, d), w_VxD.T, compute_dtype=compute_dtype)
+  return out.reshape(b, l, -1).astype(jnp.float32)
+
+
+def unstack_layers(params, num_layers: int):
+  """Scanned params ('layers' stacked on axis 0) -> unrolled ('layer_0', ...)."""
+  params = dict(params)
+  stacked = params.pop('layers')
+  for i in range(num_layers):
+    params[f'layer_{i}'] = jax.tree.map(lambda x: x[i], stacked)
+  return params

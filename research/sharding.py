@@ -1,0 +1,77 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and
+optimiser state sharded along `embed`), `tensor` (Megatron-style: heads, MLP width
+and vocabulary split). The batch is split over data × fsdp. A (1, 1, 1) mesh is a
+single device; (n, 1, 1) plain data parallel; any product of devices otherwise.
+"""
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Logical axis -> mesh axis (or axes). Parameters use the short names; activations the
+# `act_` names, so that the embed dimension of a weight can be fsdp-sharded while the
+# same dimension of an activation (whose batch already uses fsdp) is not.
+LOGICAL_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('vocab', 'tensor'),
+    ('norm', None),
+    ('layers', None),
+)
+
+
+class MeshError(ValueError):
+  pass
+
+
+def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axis types (the classic in_shardings style)."""
+  shape = tuple(int(s) for s in shape)
+  devices = jax.devices() if devices is None else devices
+  if len(shape) != 3 or min(shape) < 1:
+    raise MeshError(f'mesh shape {shape}: expected three positive sizes (data, fsdp, tensor)')
+  if int(np.prod(shape)) != len(devices):
+    raise MeshError(f'mesh shape {shape} needs {int(np.prod(shape))} devices, '
+                    f'{len(devices)} are available')
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+              axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(('data', 'fsdp')))
+
+
+def check_divisible(mesh: Mesh, global_batch: int, abstract_params, logical_specs):
+  """Fail before compiling when the mesh does not divide the batch or a parameter."""
+  data = mesh.shape['data'] * mesh.shape['fsdp']
+  if global_batch % data:
+    raise MeshError(f'batch size {global_batch} is not divisible by data×fsdp = {data} '
+                    f'of mesh {dict(mesh.shape)}')
+  rules = dict(LOGICAL_RULES)
+  flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  flat_specs = jax.tree.leaves(logical_specs, is_leaf=lambda x: isinstance(x, P))
+  for (path, leaf), spec in zip(flat_params, flat_specs):
+    for dim, name in zip(leaf.shape, tuple(spec)):
+      axes = rules.get(name)
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+      if dim % size:
+        raise MeshError(f'parameter {jax.tree_util.keystr(path)} dimension {name}={dim} is '
+                        f'not divisible by mesh axes {axes} of size {size}')
+
+
+def logical_to_sharding(logical_specs, mesh: Mesh):
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)

@@ -1,0 +1,108 @@
+"""Attention patterns come from the batch; scanned and unrolled layers agree."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research import model as model_lib
+
+CFG = model_lib.TransformerConfig(vocab_size=128, d_model=32, num_layers=2, num_heads=4,
+                                  num_kv_heads=2, max_len=16)
+L = 12
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(cfg, params, tokens, segment_ids, positions, prefix):
+  return model_lib.Transformer(cfg).apply({'params': params}, tokens, positions, segment_ids,
+                                          prefix)
+
+
+@pytest.fixture(scope='module')
+def setup():
+  model = model_lib.Transformer(CFG)
+  z = jnp.zeros((1, L), jnp.int32)
+  params = jax.jit(model.init)(jax.random.key(0), z, z, z, jnp.zeros((1, L), bool))['params']
+  tokens = jax.random.randint(jax.random.key(1), (1, L), 10, 128)
+  return jax.tree.map(lambda x: getattr(x, 'value', x), params,
+                      is_leaf=lambda x: hasattr(x, 'value')), tokens
+
+
+def _changed_positions(params, tokens, changed_at, segment_ids=None, positions=None,
+                       prefix=None, cfg=CFG):
+  segment_ids = jnp.ones((1, L), jnp.int32) if segment_ids is None else segment_ids
+  positions = jnp.arange(L)[None] if positions is None else positions
+  prefix = jnp.zeros((1, L), bool) if prefix is None else prefix
+  other = tokens.at[0, changed_at].set((tokens[0, changed_at] + 1) % 128)
+  a, _ = _apply(cfg, params, tokens, segment_ids, positions, prefix)
+  b, _ = _apply(cfg, params, other, segment_ids, positions, prefix)
+  return np.flatnonzero(np.abs(np.asarray(a - b)).max(-1)[0] > 1e-6)
+
+
+def test_causal_future_token_changes_no_earlier_output(setup):
+  params, tokens = setup
+  np.testing.assert_array_equal(_changed_positions(params, tokens, 7), np.arange(7, L))
+
+
+def test_bidirectional_future_token_changes_earlier_outputs(setup):
+  params, tokens = setup
+  changed = _changed_positions(params, tokens, 7, prefix=jnp.ones((1, L), bool))
+  np.testing.assert_array_equal(changed, np.arange(L))
+
+
+def test_prefix_is_bidirectional_inside_and_causal_after(setup):
+  params, tokens = setup
+  prefix = jnp.arange(L)[None] < 5
+  # A change inside the prefix reaches every position; one after it only later ones.
+  np.testing.assert_array_equal(_changed_positions(params, tokens, 3, prefix=prefix),
+                                np.arange(L))
+  np.testing.assert_array_equal(_changed_positions(params, tokens, 8, prefix=prefix),
+                                np.arange(8, L))
+
+
+@pytest.mark.parametrize('prefix_all', [False, True])
+def test_segments_never_attend_across(setup, prefix_all):
+  params, tokens = setup
+  segment_ids = jnp.asarray([[1] * 6 + [2] * 6])
+  positions = jnp.asarray([list(range(6)) * 2])
+  prefix = jnp.full((1, L), prefix_all)
+  # Changing the first document's last token leaves the second document untouched ...
+  changed = _changed_positions(params, tokens, 5, segment_ids, positions, prefix)
+  assert set(changed) <= set(range(6)) and 5 in changed
+  # ... and the second document computes what it would alone, at positions from 0.
+  a, _ = _apply(CFG, params, tokens, segment_ids, positions, prefix)
+  alone, _ = _apply(CFG, params, tokens[:, 6:], jnp.ones((1, 6), jnp.int32),
+                    jnp.arange(6)[None], prefix[:, 6:])
+  np.testing.assert_allclose(a[:, 6:], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize('overrides', [dict(), dict(mlp='swiglu', norm='layernorm',
+                                                    position='learned', tie_embeddings=False,
+                                                    scalar_head=True, remat='full')])
+def test_scanned_and_unrolled_layers_agree(overrides):
+  scanned = dataclasses.replace(CFG, **overrides)
+  unrolled = dataclasses.replace(scanned, scan_layers=False)
+  z = jnp.zeros((2, L), jnp.int32)
+  args = (jax.random.randint(jax.random.key(2), (2, L), 0, 128), jnp.tile(jnp.arange(L), (2, 1)),
+          jnp.ones((2, L), jnp.int32), jnp.zeros((2, L), bool))
+  params = jax.jit(model_lib.Transformer(scanned).init)(jax.random.key(0), z, z, z,
+                                                         args[3])['params']
+  params = jax.tree.map(lambda x: getattr(x, 'value', x), params,
+                        is_leaf=lambda x: hasattr(x, 'value'))
+  tokens, positions, segment_ids, prefix = args
+  h1, s1 = _apply(scanned, params, tokens, segment_ids, positions, prefix)
+  h2, s2 = _apply(unrolled, model_lib.unstack_layers(params, scanned.num_layers), tokens,
+                  segment_ids, positions, prefix)
+  np.testing.assert_allclose(h1, h2, atol=1e-5)
+  if scanned.scalar_head:
+    assert s1.shape == (2, L)
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+
+
+def test_bad_config_is_a_clear_error():
+  with pytest.raises(ValueError, match='num_kv_heads'):
+    model_lib.TransformerConfig(num_heads=4, num_kv_heads=3)
+  with pytest.raises(ValueError, match='unknown model config keys'):
+    model_lib.TransformerConfig.from_dict({'num_layer': 3})
