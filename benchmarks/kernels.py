@@ -201,7 +201,7 @@ def bench_head(reps):
 def hlo_report():
   """Where each dot of the kernels' fwd+bwd runs, with native bf16 dots."""
   print("\nHLO: dots of fwd+bwd with BF16_DOTS='native', compute bf16 "
-        "(ynn = YNNPACK fusion, the fast path; 'dot' = Eigen/DotThunk)")
+        "(ynn = inside a YNNPACK fusion, the fast path; eigen = standalone DotThunk)")
   x = jnp.ones((2048, 384), F32)
   w = jnp.ones((384, 1536), F32)
   q, k, v, seg, prefix = attention_inputs(8, 256, 6, 6, 64)
@@ -224,62 +224,75 @@ def hlo_report():
 
 
 def summarise_dots(hlo_text: str) -> str:
-  """Counts dots by where they run: inside a ynn fusion computation, or standalone."""
+  """Counts the dots of compiled HLO by where they run and their operand dtypes.
+
+  'ynn' = inside a YNNPACK fusion (XLA:CPU's fast dot path); 'eigen' = a standalone dot
+  (DotThunk).  A bf16 model whose dots show up as 'eigen f32,f32' was rewritten to
+  convert + float32 dot: off the bf16 fast path.
+  """
   comps, cur = {}, None
   for line in hlo_text.splitlines():
     s = line.strip()
     if s.endswith("{") and "(" in s and not s.startswith("ROOT"):
-      cur = s.split()[0].lstrip("%")
-      if cur == "ENTRY":
-        cur = s.split()[1].lstrip("%")
-      comps[cur] = []
-    elif cur is not None:
-      comps[cur].append(s)
+      words = s.split()
+      cur = (words[1] if words[0] == "ENTRY" else words[0]).lstrip("%")
+      comps[cur] = {"lines": [], "types": {}}
+      for param in s[s.index("(") + 1:s.rindex(")")].split(", "):
+        if ":" in param:
+          name, typ = param.split(":", 1)
+          comps[cur]["types"][name.strip().lstrip("%")] = typ.strip().split("[")[0]
+    elif cur is not None and " = " in s:
+      name, rest = s.split(" = ", 1)
+      name = name.replace("ROOT", "").strip().lstrip("%")
+      comps[cur]["types"][name] = rest.split("[")[0].strip()
+      comps[cur]["lines"].append(s)
   ynn_calls = set()
-  for lines in comps.values():
-    for s in lines:
+  for comp in comps.values():
+    for s in comp["lines"]:
       if "__ynn_fusion" in s and "calls=%" in s:
         ynn_calls.add(s.split("calls=%")[1].split(",")[0].split()[0])
   counts = {}
-  for cname, lines in comps.items():
-    for s in lines:
-      if " dot(" in s:
-        out_t = s.split("=", 1)[1].strip().split("[")[0]
-        ops = s.split(" dot(")[1].split(")")[0]
-        where = "ynn" if cname in ynn_calls else "dot"
-        key = f"{where}:{out_t}"
-        counts[key] = counts.get(key, 0) + 1
-  converts = sum(1 for lines in comps.values() for s in lines
-                 if "f32[" in s.split("=", 1)[-1][:12] and " convert(" in s and "bf16" in s)
-  return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) + f"; bf16->f32 converts: {converts}"
+  for cname, comp in comps.items():
+    for s in comp["lines"]:
+      if " dot(" not in s:
+        continue
+      ops = [o.strip().lstrip("%") for o in s.split(" dot(")[1].split(")")[0].split(",")]
+      in_types = ",".join(comp["types"].get(o, "?") for o in ops)
+      out_type = s.split(" = ", 1)[1].split("[")[0].strip()
+      key = f"{'ynn' if cname in ynn_calls else 'eigen'} {in_types}->{out_type}"
+      counts[key] = counts.get(key, 0) + 1
+  return "; ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
 
 
 def step_estimate(dense_r, attn_r, head_r):
-  """Kernel-only estimate of the bench training step (no norms, GELU, embedding, AdamW)."""
-  print("\nKernel-only estimate of one bench step (6 layers; dots + attention + head, "
-        "fwd+bwd; excludes norms, GELU, residual adds, embedding, optimizer):")
-  layers = 6
-  tokens = 2048
-  flop_total = 89.7e6 * tokens  # 6N + 12 L d T per token, as in STACK_NOTES
-  for dname, plain_key, kern_keys in (
-      ("float32", "plain", ["kernel"]),
-      ("bf16", "plain", ["kernel[native bf16 dots]", "kernel[f32 dots]"])):
-    for key in [plain_key] + kern_keys:
-      sec, dots = 0.0, []
-      for label in ("mlp up 384->1536", "mlp down 1536->384", "qkv 384->1152", "attn out 384->384"):
+  """Kernel-only estimate of the bench training step (no norms, GELU, embedding, AdamW).
+
+  Each component's time is first expressed in "DOT-seconds" (its time times its own
+  group's DOT GFLOP/s), so components measured while the machine ran at different
+  speeds add up consistently; utilisation = FLOP / sum(DOT-seconds).
+  """
+  print("\nKernel-only estimate of one bench training step, as a fraction of the f32 "
+        "2048^2 dot\n(6 layers x (qkv, out, mlp up, mlp down, attention) + LM head, "
+        "fwd+bwd; excludes norms, GELU, residual adds, embedding gather and AdamW):")
+  layers, tokens = 6, 2048
+  per_layer = ("qkv 384->1152", "attn out 384->384", "mlp up 384->1536", "mlp down 1536->384")
+  flop_total = (layers * sum(6 * tokens * d * f for d, f in ((384, 1152), (384, 384), (384, 1536), (1536, 384)))
+                + layers * 12 * 8 * 256 * 256 * 384 + 6 * tokens * 384 * 8192)
+  for dname, keys in (("float32", ["plain", "kernel"]),
+                      ("bf16", ["plain", "kernel[native bf16 dots]", "kernel[f32 dots]"])):
+    for key in keys:
+      parts = {}
+      for label in per_layer:
         rows, dot = dense_r[(label, dname)]
-        sec += layers * rows[f"{key} fwd+bwd"][0]
-        dots.append(dot)
-      rows, dot = attn_r[(8, 256, "causal", dname)]
-      sec += layers * rows[f"{key} fwd+bwd"][0]
-      dots.append(dot)
+        parts["dense"] = parts.get("dense", 0.0) + layers * rows[f"{key} fwd+bwd"][0] * dot
+      if (8, 256, "causal", dname) in attn_r:
+        rows, dot = attn_r[(8, 256, "causal", dname)]
+        parts["attention"] = layers * rows[f"{key} fwd+bwd"][0] * dot
       rows, dot = head_r[dname]
-      sec += rows[f"{key} fwd+bwd"][0]
-      dots.append(dot)
-      g = flop_total / sec / 1e9
-      ref = float(np.median(dots))
-      print(f"  {dname:8s} {key:26s} {sec * 1e3:8.1f} ms  {g:7.1f} GFLOP/s  "
-            f"{g / ref:5.2f} xDOT (median DOT of its groups {ref:.0f})")
+      parts["head"] = rows[f"{key} fwd+bwd"][0] * dot
+      total = sum(parts.values())
+      shares = ", ".join(f"{k} {v / total:.0%}" for k, v in parts.items())
+      print(f"  {dname:8s} {key:26s} {flop_total / 1e9 / total:5.2f} xDOT   time shares: {shares}")
 
 
 def main():

@@ -566,7 +566,7 @@ def lm_head_loss(h, w, targets, weights, *, z_loss=0.0, compute_dtype=F32,
     weights: (N,) float per-token weights (0 for padding / prompt).
     z_loss: python float, coefficient of the z-loss.
     compute_dtype: dot operand dtype (float32 or bfloat16); logits, softmax, loss f32.
-    chunk_size: rows per chunk (None: min(N, 1024)); N is padded with weight-0 rows.
+    chunk_size: rows per chunk (None: min(N, 512)); N is padded with weight-0 rows.
 
   Returns:
     (loss_sum, z_loss_sum, correct_sum): float32 scalars, the weighted sums defined in
@@ -586,5 +586,5 @@ def lm_head_loss(h, w, targets, weights, *, z_loss=0.0, compute_dtype=F32,
   head hits when autodiff produces a bf16 ((0,), (0,)) dot.
   """
   n = h.shape[0]
-  chunk = min(n, 1024) if chunk_size is None else min(int(chunk_size), n)
+  chunk = min(n, 512) if chunk_size is None else min(int(chunk_size), n)
   return _lm_head_loss(h, w, targets, weights, float(z_loss), jnp.dtype(compute_dtype), chunk)

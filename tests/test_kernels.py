@@ -93,7 +93,7 @@ def test_attention_mask_rule():
   np.testing.assert_array_equal(np.asarray(full_prefix)[0], np.asarray(seg[0][:, None] == seg[0][None, :]))
 
 
-T = 40  # not a multiple of the block size 16 used below
+T = 24  # not a multiple of the block size 16 used below (blocks [0, 16), [16, 24))
 
 
 def attn_inputs(b=2, t=T, n=4, kh=2, h=16, seed=0):
@@ -110,13 +110,13 @@ def masks(kind, t=T):
   query block takes the causal-only branch; 'prefix_rows': some rows have prefix keys,
   so early blocks take the all-keys branch."""
   pos = jnp.arange(t)
-  packed = jnp.where(pos < 11, 1, jnp.where(pos < 30, 2, jnp.where(pos < 36, 3, 0)))
+  packed = jnp.where(pos < 7, 1, jnp.where(pos < 15, 2, jnp.where(pos < 21, 3, 0)))
   if kind == "causal_rows":  # causal; packed docs + padding; two docs
-    seg = jnp.stack([jnp.ones(t, jnp.int32), packed, jnp.where(pos < 25, 5, 6)])
+    seg = jnp.stack([jnp.ones(t, jnp.int32), packed, jnp.where(pos < 13, 5, 6)])
     return seg.astype(jnp.int32), jnp.zeros((3, t), bool)
-  if kind == "prefix_rows":  # bidirectional; prefix-LM (7 tokens); packed, prefix in doc 2
+  if kind == "prefix_rows":  # bidirectional; prefix-LM (5 tokens); packed, prefix in doc 2
     seg = jnp.stack([jnp.ones(t, jnp.int32), jnp.ones(t, jnp.int32), packed])
-    prefix = jnp.stack([jnp.ones(t, bool), pos < 7, (pos >= 11) & (pos < 21)])
+    prefix = jnp.stack([jnp.ones(t, bool), pos < 5, (pos >= 7) & (pos < 12)])
     return seg.astype(jnp.int32), prefix
   raise ValueError(kind)
 
@@ -125,7 +125,7 @@ def masks(kind, t=T):
                                           (BF16, "causal_rows", "native"),
                                           (BF16, "prefix_rows", "f32")])
 def test_attention_blocked(cd, kind, mode, monkeypatch):
-  """GQA (N=4, K=2), T=40 in blocks of 16 (last block short), all mask kinds."""
+  """GQA (N=4, K=2), T=24 in blocks of 16 (last block short), all mask kinds."""
   monkeypatch.setattr(K, "BF16_DOTS", mode)
   q, k, v, ct = attn_inputs(b=3)
   seg, prefix = masks(kind)
@@ -144,7 +144,7 @@ def test_attention_blocked(cd, kind, mode, monkeypatch):
 
 
 def test_attention_default_block_mha():
-  """Default block size (one block at T=40), plain multi-head attention, f32."""
+  """Default block size (one block at T=24), plain multi-head attention, f32."""
   q, k, v, ct = attn_inputs(b=3, n=2, kh=2)
   seg, prefix = masks("prefix_rows")
   f = lambda q, k, v: K.attention(q, k, v, seg, prefix)
@@ -171,10 +171,11 @@ def test_attention_reference_decoding_positions():
   full = jax.jit(K.attention_reference)(q, k, v, seg, prefix)
   b, t = seg.shape
   rows = slice(t - 3, t)
-  dec = K.attention(q[:, rows], k, v, seg[:, rows], prefix[:, rows],
-                    q_positions=jnp.broadcast_to(jnp.arange(t)[rows], (b, 3)),
-                    kv_positions=jnp.broadcast_to(jnp.arange(t), (b, t)),
-                    kv_segment_ids=seg, kv_prefix=prefix)
+  dec = jax.jit(lambda q, k, v: K.attention(
+      q, k, v, seg[:, rows], prefix[:, rows],
+      q_positions=jnp.broadcast_to(jnp.arange(t)[rows], (b, 3)),
+      kv_positions=jnp.broadcast_to(jnp.arange(t), (b, t)),
+      kv_segment_ids=seg, kv_prefix=prefix))(q[:, rows], k, v)
   assert_close(dec, full[:, rows], 1e-6, "decode")
 
 
@@ -224,6 +225,19 @@ def test_lm_head_loss_bf16_modes(bf16_mode):
   r = jax.jit(jax.grad(ref, argnums=(0, 1)))(h, w)
   assert_close(g[0], r[0], TOL[BF16], "dh")
   assert_close(g[1], r[1], TOL[BF16], "dw")
+
+
+def test_string_compute_dtypes():
+  """The model passes compute_dtype as a string ('float32' / 'bfloat16')."""
+  x, w = jnp.ones((4, 8)), jnp.ones((8, 2))
+  np.testing.assert_allclose(jax.jit(lambda x, w: K.dense(x, w, "bfloat16"))(x, w), 8.0)
+  q, k, v, _ = attn_inputs(b=3, t=8)
+  seg, prefix = masks("causal_rows", t=8)
+  attn = jax.jit(lambda q, k, v: K.attention(q, k, v, seg, prefix, compute_dtype="bfloat16"))
+  assert attn(q, k, v).dtype == F32
+  h, we, targets, weights = head_inputs(n=8)
+  head = jax.jit(lambda h, w: K.lm_head_loss(h, w, targets, weights, compute_dtype="bfloat16"))
+  assert head(h, we)[0].dtype == F32
 
 
 def test_lm_head_loss_known_value():
