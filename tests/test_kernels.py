@@ -33,9 +33,12 @@ def bf16_mode(request, monkeypatch):
   return request.param
 
 
-def weighted_sum(f, cotangent):
-  """Scalar <f(...), cotangent> so that grads use a non-trivial cotangent."""
-  return lambda *a: jnp.sum(f(*a) * cotangent)
+def value_and_grads(f, cotangent, *args):
+  """f(*args) and the gradients of <f(*args), cotangent> wrt all args: one jit."""
+  def both(*a):
+    out, vjp = jax.vjp(f, *a)
+    return out, vjp(cotangent)
+  return jax.jit(both)(*args)
 
 
 # --------------------------------------------------------------------------------------
@@ -52,11 +55,10 @@ def test_dense(cd, n, mode, monkeypatch):
   x = jax.random.normal(ks[0], (n, d), F32)
   w = jax.random.normal(ks[1], (d, f), F32) / np.sqrt(d)
   ct = jax.random.normal(ks[2], (n, f), F32)
-  y = jax.jit(lambda x, w: K.dense(x, w, cd))(x, w)
+  y, g = value_and_grads(lambda x, w: K.dense(x, w, cd), ct, x, w)
+  r_y, r = value_and_grads(lambda x, w: K.dense_reference(x, w, cd), ct, x, w)
   assert y.dtype == F32
-  assert_close(y, jax.jit(lambda x, w: K.dense_reference(x, w, cd))(x, w), TOL[cd], "dense value")
-  g = jax.jit(jax.grad(weighted_sum(lambda x, w: K.dense(x, w, cd), ct), argnums=(0, 1)))(x, w)
-  r = jax.jit(jax.grad(weighted_sum(lambda x, w: K.dense_reference(x, w, cd), ct), argnums=(0, 1)))(x, w)
+  assert_close(y, r_y, TOL[cd], "dense value")
   assert g[0].dtype == F32 and g[1].dtype == F32
   assert_close(g[0], r[0], TOL[cd], "dense dx")
   assert_close(g[1], r[1], TOL[cd], "dense dw")
@@ -136,9 +138,9 @@ def test_attention_blocked(cd, kind, mode, monkeypatch):
   def ref(q, k, v):
     return K.attention_reference(q, k, v, seg, prefix, compute_dtype=cd)
 
-  assert_close(jax.jit(blocked)(q, k, v), jax.jit(ref)(q, k, v), TOL[cd], "attention value")
-  g = jax.jit(jax.grad(weighted_sum(blocked, ct), argnums=(0, 1, 2)))(q, k, v)
-  r = jax.jit(jax.grad(weighted_sum(ref, ct), argnums=(0, 1, 2)))(q, k, v)
+  out, g = value_and_grads(blocked, ct, q, k, v)
+  r_out, r = value_and_grads(ref, ct, q, k, v)
+  assert_close(out, r_out, TOL[cd], "attention value")
   for name, a, e in zip("qkv", g, r):
     assert_close(a, e, TOL[cd], f"attention d{name}")
 
@@ -149,9 +151,9 @@ def test_attention_default_block_mha():
   seg, prefix = masks("prefix_rows")
   f = lambda q, k, v: K.attention(q, k, v, seg, prefix)
   r = lambda q, k, v: K.attention_reference(q, k, v, seg, prefix)
-  assert_close(jax.jit(f)(q, k, v), jax.jit(r)(q, k, v), TOL[F32], "value")
-  g = jax.jit(jax.grad(weighted_sum(f, ct), argnums=(0, 1, 2)))(q, k, v)
-  e = jax.jit(jax.grad(weighted_sum(r, ct), argnums=(0, 1, 2)))(q, k, v)
+  out, g = value_and_grads(f, ct, q, k, v)
+  r_out, e = value_and_grads(r, ct, q, k, v)
+  assert_close(out, r_out, TOL[F32], "value")
   for name, a, b in zip("qkv", g, e):
     assert_close(a, b, TOL[F32], f"d{name}")
 
@@ -195,7 +197,7 @@ def head_inputs(n=37, d=16, v=50, seed=0):
 @pytest.mark.parametrize("cd,z_loss,chunk", [(F32, 0.0, None), (F32, 1e-2, 16), (BF16, 1e-2, 8)])
 def test_lm_head_loss(cd, z_loss, chunk):
   h, w, targets, weights = head_inputs()
-  cot = jnp.array([1.3, 0.7, 0.5])
+  cot = (jnp.float32(1.3), jnp.float32(0.7), jnp.float32(0.5))
 
   def kern(h, w, weights):
     return K.lm_head_loss(h, w, targets, weights, z_loss=z_loss, compute_dtype=cd,
@@ -204,12 +206,10 @@ def test_lm_head_loss(cd, z_loss, chunk):
   def ref(h, w, weights):
     return K.lm_head_loss_reference(h, w, targets, weights, z_loss=z_loss, compute_dtype=cd)
 
-  out, expected = jax.jit(kern)(h, w, weights), jax.jit(ref)(h, w, weights)
+  out, g = value_and_grads(kern, cot, h, w, weights)
+  expected, r = value_and_grads(ref, cot, h, w, weights)
   for name, a, e in zip(("loss", "z", "correct"), out, expected):
     assert_close(a, e, TOL[cd], f"lm head {name}")
-  scalar = lambda f: (lambda *a: sum(c * x for c, x in zip(cot, f(*a))))
-  g = jax.jit(jax.grad(scalar(kern), argnums=(0, 1, 2)))(h, w, weights)
-  r = jax.jit(jax.grad(scalar(ref), argnums=(0, 1, 2)))(h, w, weights)
   for name, a, e in zip(("dh", "dw", "dweights"), g, r):
     assert_close(a, e, TOL[cd], f"lm head {name}")
 
@@ -220,9 +220,9 @@ def test_lm_head_loss_bf16_modes(bf16_mode):
                                      compute_dtype=BF16, chunk_size=32)[0]
   ref = lambda h, w: K.lm_head_loss_reference(h, w, targets, weights, z_loss=1e-3,
                                               compute_dtype=BF16)[0]
-  assert_close(jax.jit(kern)(h, w), jax.jit(ref)(h, w), TOL[BF16], "loss")
-  g = jax.jit(jax.grad(kern, argnums=(0, 1)))(h, w)
-  r = jax.jit(jax.grad(ref, argnums=(0, 1)))(h, w)
+  loss, g = value_and_grads(kern, jnp.float32(1.0), h, w)
+  r_loss, r = value_and_grads(ref, jnp.float32(1.0), h, w)
+  assert_close(loss, r_loss, TOL[BF16], "loss")
   assert_close(g[0], r[0], TOL[BF16], "dh")
   assert_close(g[1], r[1], TOL[BF16], "dw")
 
@@ -233,11 +233,11 @@ def test_string_compute_dtypes():
   np.testing.assert_allclose(jax.jit(lambda x, w: K.dense(x, w, "bfloat16"))(x, w), 8.0)
   q, k, v, _ = attn_inputs(b=3, t=8)
   seg, prefix = masks("causal_rows", t=8)
-  attn = jax.jit(lambda q, k, v: K.attention(q, k, v, seg, prefix, compute_dtype="bfloat16"))
-  assert attn(q, k, v).dtype == F32
+  attn = lambda q, k, v: K.attention(q, k, v, seg, prefix, compute_dtype="bfloat16")
+  assert jax.eval_shape(jax.grad(lambda *a: jnp.sum(attn(*a))), q, k, v).dtype == F32
   h, we, targets, weights = head_inputs(n=8)
-  head = jax.jit(lambda h, w: K.lm_head_loss(h, w, targets, weights, compute_dtype="bfloat16"))
-  assert head(h, we)[0].dtype == F32
+  head = lambda h, w: K.lm_head_loss(h, w, targets, weights, compute_dtype="bfloat16")[0]
+  assert jax.eval_shape(jax.grad(head), h, we).dtype == F32
 
 
 def test_lm_head_loss_known_value():
@@ -247,6 +247,7 @@ def test_lm_head_loss_known_value():
   w = jax.random.normal(jax.random.PRNGKey(1), (v, d))
   targets = jnp.arange(n) % v
   weights = jnp.ones((n,))
-  loss, z, _ = K.lm_head_loss(h, w, targets, weights, z_loss=0.1, chunk_size=4)
+  loss, z, _ = jax.jit(lambda h, w: K.lm_head_loss(h, w, targets, weights, z_loss=0.1,
+                                                    chunk_size=4))(h, w)
   np.testing.assert_allclose(loss, n * np.log(v), rtol=1e-6)
   np.testing.assert_allclose(z, n * 0.1 * np.log(v) ** 2, rtol=1e-6)
