@@ -12,8 +12,8 @@ Objective by name: causal | masked | prefix | span | hybrid, e.g. `configs/pretr
 import ml_collections
 
 PRESETS = {
-    'tiny': dict(d_model=256, num_layers=4, num_heads=4, vocab=4096, seq_len=256, batch=16,
-                 steps=600, lr=3e-3, warmup=50),
+    'tiny': dict(d_model=256, num_layers=4, num_heads=4, vocab=4096, seq_len=256, batch=8,
+                 steps=300, lr=3e-3, warmup=30, eval_every=100),
     'small': dict(d_model=384, num_layers=6, num_heads=6, vocab=8192, seq_len=256, batch=16,
                   steps=3000, lr=2e-3, warmup=200),
     'bench': dict(d_model=384, num_layers=6, num_heads=6, vocab=8192, seq_len=256, batch=8,
@@ -74,9 +74,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.train.grad_accum_steps = 1
   c.train.z_loss = 1e-4
   c.train.log_every = 10
-  c.train.eval_every = 200
+  c.train.eval_every = p.get('eval_every', 200)
   c.train.eval_batches = 8  # 0: the whole validation split
-  c.train.checkpoint_every = 200
+  c.train.checkpoint_every = p.get('eval_every', 200)
   c.train.keep_checkpoints = 2
   c.train.num_samples = 3  # greedy samples printed at each eval
   c.train.sample_tokens = 48

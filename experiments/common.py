@@ -15,7 +15,7 @@ from typing import Optional
 
 import jax
 import numpy as np
-from absl import app, logging
+from absl import app, flags, logging
 
 from research import sharding
 
@@ -99,9 +99,11 @@ def parse_config_args(argv, default_spec: str):
   return config, rest
 
 
-def run_experiment(main_fn, default_config: str):
-  """Runs main_fn(config) under absl; bad configs, data, meshes or workdirs end in one
-  line on stderr (exit 2), never a traceback."""
+def run_experiment(main_fn, default_config: str, default_workdir: str):
+  """Runs main_fn(config, workdir) under absl (`--config=...`, `--config.a.b=...`,
+  `--workdir=...`); bad configs, data, meshes or workdirs end in one line on stderr
+  (exit 2), never a traceback."""
+  workdir = flags.DEFINE_string('workdir', default_workdir, 'Run folder (resumed if present).')
   from research import checkpoint, data  # pylint: disable=g-import-not-at-top
   user_errors = (UserError, data.DataError, checkpoint.CheckpointError, sharding.MeshError)
   try:
@@ -114,7 +116,7 @@ def run_experiment(main_fn, default_config: str):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
-      return main_fn(config)
+      return main_fn(config, workdir.value)
     except user_errors as e:
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)

@@ -12,17 +12,21 @@ import json
 import pathlib
 
 import jax
-from absl import flags
-
 from experiments import common
 from experiments import pretrain
 
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/pipeline', 'Pipeline folder.')
 
 
-def main(config):
+# The main job must end within 10 minutes on 2 cores: training stops (and saves) here at
+# the latest. Override with --config.train.max_minutes.
+MAX_PRETRAIN_MINUTES = 7.0
+
+
+def main(config, workdir):
   common.maybe_initialize_distributed()
-  workdir = pathlib.Path(_WORKDIR.value)
+  if not config.train.max_minutes:
+    config.train.max_minutes = MAX_PRETRAIN_MINUTES
+  workdir = pathlib.Path(workdir)
   common.log(f'== pretraining ({config.preset}, {config.objective.name}) in {workdir / "pretrain"}')
   summary = pretrain.train(config, workdir / 'pretrain')
   v = summary['validation']
@@ -37,4 +41,4 @@ def main(config):
 
 
 if __name__ == '__main__':
-  common.run_experiment(main, 'configs/pretrain.py:tiny')
+  common.run_experiment(main, 'configs/pretrain.py:tiny', 'runs/pipeline')

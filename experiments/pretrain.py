@@ -17,8 +17,6 @@ import flax.linen as nn
 import grain
 import jax
 import numpy as np
-from absl import flags
-
 from experiments import common
 from research import checkpoint as checkpoint_lib
 from research import data as data_lib
@@ -65,8 +63,10 @@ def prepare(config: dict, workdir: pathlib.Path) -> Setup:
   """Tokenizer (trained once per workdir, or reused) and packed train/validation rows."""
   dc = config['data']
   docs = data_lib.load_corpus(dc['corpus'], text_field=dc['text_field'])
+  # data.split_seed (optional) fixes the split across seeds, so a multi-seed study
+  # holds out the same documents in every run.
   train_docs, val_docs = data_lib.split_documents(docs, dc['validation_fraction'],
-                                                  seed=config['seed'])
+                                                  seed=dc.get('split_seed', config['seed']))
   tok_path = workdir / checkpoint_lib.TOKENIZER_FILE
   if tok_path.exists():
     tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
@@ -279,12 +279,9 @@ def train(config, workdir) -> dict:
   return summary
 
 
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/pretrain', 'Run folder (resumed if present).')
-
-
-def main(config):
+def main(config, workdir):
   common.maybe_initialize_distributed()
-  summary = train(config, _WORKDIR.value)
+  summary = train(config, workdir)
   common.log('\nfinal validation: ' + json.dumps(summary['validation']))
   common.log(f'unigram entropy of the corpus: {summary["unigram_entropy"]:.3f} nats/token')
   for s in summary['samples']:
@@ -292,4 +289,4 @@ def main(config):
 
 
 if __name__ == '__main__':
-  common.run_experiment(main, 'configs/pretrain.py:tiny')
+  common.run_experiment(main, 'configs/pretrain.py:tiny', 'runs/pretrain')
