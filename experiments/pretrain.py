@@ -218,11 +218,11 @@ def train(config, workdir) -> dict:
 
   def meta(step):
     return dict(step=step, seed=config['seed'], tokenizer_fingerprint=tokenizer.fingerprint,
-                preset=config.get('preset'), objective=config['objective']['name'])
+                config=config)
 
-  def run_eval(step):
-    m = evaluate(eval_fn, state.params, setup.validation_rows, batch_per_host,
-                 tc['eval_batches'], seed=config['seed'])
+  def run_eval(step, max_batches=tc['eval_batches']):
+    m = evaluate(eval_fn, state.params, setup.validation_rows, batch_per_host, max_batches,
+                 seed=config['seed'])
     writer.write(step, m, prefix='eval/')
     return m
 
@@ -260,7 +260,7 @@ def train(config, workdir) -> dict:
     stop.restore()
     ckpt.close()
 
-  eval_metrics = run_eval(step)
+  eval_metrics = run_eval(step, max_batches=0)  # the final figure: the whole split
   samples = []
   if tc['num_samples'] and config['objective']['name'] != 'masked':
     samples = sampling.greedy_texts(state.params, model_cfg, tokenizer,
