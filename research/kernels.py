@@ -1,24 +1,60 @@
 """Fast kernels for the language model on XLA:CPU: dense, attention, tied LM-head loss.
 
-Public API (all float32 in, float32 out; `compute_dtype` is the dtype of the dot
-operands, accumulation is always float32):
+Public API (float32 in, float32 out; `compute_dtype` ('float32' / 'bfloat16', a dtype or
+its name) is the dtype of the dot operands, accumulation is always float32):
 
-  dense(x_NxD, w_DxF, compute_dtype=f32) -> f32 NxF
-  dense_reference(...)                                      plain jnp.dot, autodiff
+  dense(x_NxD, w_DxF, compute_dtype=f32) -> f32 NxF          custom VJP
+  dense_reference(x_NxD, w_DxF, compute_dtype=f32)           plain jnp.dot, autodiff
   attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, prefix_BxT, *,
             compute_dtype=f32, impl='auto'|'blocked'|'reference', block_q=None,
             q_positions=None, kv_positions=None, kv_segment_ids=None, kv_prefix=None)
-            -> f32 BxTxNxH
-  attention_reference(...same, no impl/block_q...)          einsum + mask + softmax
-  attention_mask(segment_ids_BxT, prefix_BxT, *, q_positions, kv_positions,
-                 kv_segment_ids, kv_prefix) -> bool BxTxS
+            -> f32 BxTxNxH                                    blocked, custom VJP
+  attention_reference(q, k, v, segment_ids, prefix, *, compute_dtype=f32,
+                      q_positions=None, kv_positions=None, kv_segment_ids=None,
+                      kv_prefix=None)                         einsum + mask + softmax
+  attention_mask(segment_ids_BxT, prefix_BxT, *, q_positions=None, kv_positions=None,
+                 kv_segment_ids=None, kv_prefix=None) -> bool BxTxS
   lm_head_loss(h_NxD, w_VxD, targets_N, weights_N, *, z_loss=0.0, compute_dtype=f32,
-               chunk_size=None) -> (loss_sum, z_loss_sum, correct_sum)
-  lm_head_loss_reference(...same, no chunk_size...)
-  BF16_DOTS / bf16_dots_native(): how bf16 dots are executed (see below).
+               chunk_size=None) -> (loss_sum, z_loss_sum, correct_sum)   fused, chunked
+  lm_head_loss_reference(h, w, targets, weights, *, z_loss=0.0, compute_dtype=f32)
+  BF16_DOTS, bf16_dots_native(): how bf16 dots are executed (see below).
 
-See each function's docstring for why it is built the way it is, and
-benchmarks/kernels.py for the measurements.
+Each function's docstring says why it is built the way it is; `python -m
+benchmarks.kernels` measures them against the plain versions and a float32 2048^2 dot.
+
+What the measurements on the development machine showed (jaxlib 0.10.2; details and
+numbers in the benchmark's output and the commit message):
+
+* The machine these kernels were written on is an AVX2-only AMD EPYC (Zen 3 class: no
+  AVX-512, no AMX, no avx512_bf16), not the AMX machine STACK_NOTES describes.  There a
+  float32 2048^2 dot runs at 110-140 GFLOP/s on 2 cores when the host is quiet, and a
+  bf16 x bf16 -> f32 dot at only ~0.6-0.7x of that (no bf16 arithmetic).  Hence
+  BF16_DOTS='auto': on such CPUs bf16 compute rounds the operands to bf16 and runs the
+  dots in float32, the same numbers (bf16 products are exact in f32, f32
+  accumulation) at float32 speed.  On AMX / avx512_bf16 CPUs, GPUs and TPUs the dots are
+  native bf16 and all dots of every kernel's forward and backward compile to YNNPACK
+  bf16 x bf16 -> f32 fusions (`python -m benchmarks.kernels --hlo` checks that); the
+  plain versions' weight-gradient dots compile to convert + float32 Eigen dots.
+* XLA:CPU runs large 2-D dots on YNNPACK with both cores, but a batched dot whose
+  matrices are small (attention: one (T x H) x (H x T) per batch element and head, T=256)
+  runs on ONE core at ~45-55 GFLOP/s (measured with getrusage: 1.0 threads), and
+  elementwise passes over score- or logit-sized arrays are memory bound (~13 GB/s).
+  Independent thunks are not run concurrently (splitting a batched dot in pieces, or
+  running the batch on 2 CPU devices with shard_map, did not help).  Attention at T=256
+  therefore stays well below the dot's rate; the blocked kernel gets its gain from
+  skipping masked blocks, not storing probabilities and fewer passes.
+* Tried and dropped: a backward pass in transposed-score orientation (no gain); keeping
+  the forward's probabilities for the backward instead of recomputing them (no gain at
+  T=256: the cond-padded stores cost what the saved matmul gains); block_q 32 / 128 /
+  256 at T=256 (64 is best; 128 at T >= 1024); argmax in the loss (a variadic reduce,
+  ~7x slower than max on XLA:CPU: "correct" is target logit == row max instead).
+* XLA flags (whole-kernel fwd+bwd vs the dot, same process; noisy, host load 3-8):
+  `--xla_cpu_experimental_ynn_fusion_type=` (YNNPACK off: Eigen dots) makes the batched
+  attention dots multi-threaded (attention fwd+bwd ~0.45-0.54 of the dot instead of
+  ~0.31-0.36) but the 2048^2 dot itself ~35% slower, so the step as a whole does not
+  gain; `...=individual_dot` (no elementwise fusion into YNNPACK) was no better;
+  `--xla_cpu_enable_fast_math=true` and `--xla_cpu_use_xnnpack=true` made no
+  measurable difference.  The kernels need no flags.
 """
 from __future__ import annotations
 
@@ -97,6 +133,10 @@ def _dot(a, b, dims):
   return lax.dot_general(a, b, dims, preferred_element_type=F32)
 
 
+def _pad_rows(x, n):
+  return x if x.shape[0] == n else jnp.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
 _NN = (((1,), (0,)), ((), ()))  # (n,d) x (d,f) -> (n,f)
 _NT = (((1,), (1,)), ((), ()))  # (n,f) x (d,f) -> (n,d)
 
@@ -109,11 +149,11 @@ def _dot_tn(a, b):
   convert-to-f32 + an f32 dot (off the fast bf16 kernel).  Written as an einsum that
   contracts two axes of the activations reshaped to (2, N/2, .), XLA instead
   transposes one operand into a row-major (D, N) copy and keeps the bf16 dot
-  (see STACK_NOTES "Speed on these CPUs").  For odd N the plain form is used.
+  (see STACK_NOTES "Speed on these CPUs").  Odd N gets a zero row appended.
   """
   n = a.shape[0]
   if n % 2:
-    return _dot(a, b, (((0,), (0,)), ((), ())))
+    a, b, n = _pad_rows(a, n + 1), _pad_rows(b, n + 1), n + 1
   if a.shape[1] > b.shape[1]:
     # XLA materialises the transposed copy of the first operand: make it the smaller
     # one and transpose the (small) result instead.
@@ -460,10 +500,6 @@ def lm_head_loss_reference(h, w, targets, weights, *, z_loss=0.0, compute_dtype=
           jnp.sum(weights * correct))
 
 
-def _pad_rows(x, n):
-  return x if x.shape[0] == n else jnp.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-
-
 def _chunked(h, targets, weights, chunk):
   """Pads N to a multiple of chunk (weight 0) and reshapes to (N/chunk, chunk, ...)."""
   n = h.shape[0]
@@ -490,10 +526,10 @@ def _head_chunk(hc, wc, t, wt, z_loss, compute_dtype, with_grad):
   onehot = jnp.arange(logits.shape[1])[None, :] == t[:, None]
   a = _operand((wt / l)[:, None] * p - jnp.where(onehot, wt[:, None], 0.0), compute_dtype)
   dh_a = _dot(a, wc, _NN)
-  dw_a = _dot_tn(a, hc)
+  dw_a = _dot_tn(hc, a)  # transposed, (D, V): accumulated so, transposed once at the end
   if z_loss:
     b = _operand((wt * 2.0 * z_loss * lse / l)[:, None] * p, compute_dtype)
-    dh_b, dw_b = _dot(b, wc, _NN), _dot_tn(b, hc)
+    dh_b, dw_b = _dot(b, wc, _NN), _dot_tn(hc, b)
   else:
     dh_b, dw_b = jnp.zeros_like(dh_a), None
   return rows, (dh_a, dh_b, dw_a, dw_b)
@@ -504,7 +540,7 @@ def _head_forward(h, w, targets, weights, z_loss, compute_dtype, chunk, with_gra
   n, d = h.shape
   wc = _operand(w, compute_dtype)
   hs, ts, wts = _chunked(_operand(h, compute_dtype), targets, weights.astype(F32), chunk)
-  dw0 = jnp.zeros(w.shape, F32)
+  dw0 = jnp.zeros(w.shape[::-1], F32)  # dW transposed: (D, V)
   carry0 = (dw0, dw0 if z_loss else None)
 
   def body(carry, xs):
@@ -528,7 +564,8 @@ def _head_forward(h, w, targets, weights, z_loss, compute_dtype, chunk, with_gra
   if not with_grad:
     return sums, None
   dh_a, dh_b = (x.reshape(-1, d)[:n] for x in dhs)
-  return sums, (rows, dh_a, dh_b, carry[0], carry[1])
+  dw_b = None if carry[1] is None else carry[1].T
+  return sums, (rows, dh_a, dh_b, carry[0].T, dw_b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
