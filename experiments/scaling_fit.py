@@ -1,0 +1,371 @@
+"""Fit any table of runs: approach 2 (IsoFLOP parabolas) and approach 3 (L(N, D)), with plots.
+
+  python -m experiments.scaling_fit runs.csv [--out=DIR] [--bootstrap=200] [--budgets=1e20,1e21]
+
+The CSV needs columns N, D and loss (final validation loss, nats/token); C (the budget of
+each run, grouped at 3 significant figures) enables approach 2, and `convention` (the FLOP
+convention, research/flops.py) is printed with every result. Other columns are kept for
+the report. Writes isoflop.png, optimal.png, contours.png, frontier.png, fit.json and
+report.md to --out (default: the CSV's folder).
+"""
+import csv
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from research import scaling_fit as sf
+
+CHINCHILLA = ('Chinchilla (Hoffmann et al. 2022): approach 2 a = 0.49 (95% CI 0.462–0.534), '
+              'approach 3 a = 0.46 (α 0.34, β 0.28, E 1.69); Besiroglu et al. 2024 refit of '
+              'approach 3: α 0.35, β 0.37, E 1.82, a = 0.51; about 20 tokens per parameter. '
+              'Kaplan et al. 2020 (non-embedding N, fixed schedule): a = 0.73.')
+
+
+class FitError(ValueError):
+  """A table that cannot be fitted (missing columns, too few runs)."""
+
+
+def read_runs(path) -> list:
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FitError(f'{path}: no such file')
+  with open(path, newline='', encoding='utf-8') as f:
+    rows = list(csv.DictReader(f))
+  missing = {'N', 'D', 'loss'} - set(rows[0] if rows else {})
+  if not rows or missing:
+    raise FitError(f'{path}: needs columns N, D, loss (missing {sorted(missing) or "all rows"})')
+  return rows
+
+
+def columns(rows) -> dict:
+  """Numeric arrays N, D, loss (and C when every row has one); rows with a non-finite
+  or non-positive value are dropped."""
+  def num(row, key):
+    try:
+      return float(row.get(key, ''))
+    except ValueError:
+      return float('nan')
+  keys = ['N', 'D', 'loss'] + (['C'] if all(r.get('C') for r in rows) else [])
+  table = {k: np.array([num(r, k) for r in rows]) for k in keys}
+  ok = np.all([np.isfinite(v) & (v > 0) for v in table.values()], axis=0)
+  return {k: v[ok] for k, v in table.items()}
+
+
+def convention_of(rows) -> str:
+  names = sorted({r.get('convention', '') for r in rows} - {''})
+  if len(names) > 1:
+    raise FitError(f'runs under different FLOP conventions {names}: fit one at a time')
+  return names[0] if names else 'unknown'
+
+
+def fmt(x, digits=3) -> str:
+  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    return 'n/a'
+  return f'{x:.{digits}g}'
+
+
+def fmt_ci(ci, digits=3) -> str:
+  return f'[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]'
+
+
+def analyse(rows, out_dir, *, delta=1e-3, bootstrap=200, grid='hoffmann', max_starts=100,
+            seed=0, budgets=(), notes=(), log=print) -> dict:
+  """Both fits, the figures and report.md for the runs in `rows` (dicts, e.g. CSV rows)."""
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  convention = convention_of(rows)
+  params = sorted({r.get('params_counted', '') for r in rows} - {''})
+  label = f'[{convention} FLOPs' + (f', N = {params[0]} params]' if params else ']')
+  t = columns(rows)
+  n, d, loss = t['N'], t['D'], t['loss']
+  if len(n) < 5:
+    raise FitError(f'{len(n)} usable runs: approach 3 needs at least 5 (5 parameters)')
+  # C = k·N·D links a budget to N and D in approach 3; k from the runs themselves.
+  k = float(np.exp(np.mean(np.log(t['C'] / (n * d))))) if 'C' in t else 6.0
+  result = dict(convention=convention, params_counted=params[0] if params else None,
+                num_runs=int(len(n)), flops_per_param_token=k)
+
+  a2 = None
+  if 'C' in t:
+    a2 = sf.approach2(n, d, t['C'], loss)
+    boot2 = sf.approach2_bootstrap(n, d, t['C'], loss, bootstrap, seed) if bootstrap else None
+    result['approach2'] = dict(
+        budgets=[dict(C=f.budget, n_opt=f.n_opt, d_opt=f.d_opt, loss_opt=f.loss_opt,
+                      tokens_per_param=f.d_opt / f.n_opt, edge=f.edge, reason=f.reason,
+                      num_runs=f.num_runs, coeffs=list(f.coeffs)) for f in a2['fits']],
+        a=a2['a'], b=a2['b'],
+        a_bootstrap=sf.interval(boot2[:, 0]) if boot2 is not None else None,
+        b_bootstrap=sf.interval(boot2[:, 1]) if boot2 is not None else None)
+    for f in a2['fits']:
+      flag = f'  EDGE ({f.reason}): left out' if f.edge else ''
+      log(f'approach 2 {label} C={f.budget:.3g}: N_opt={fmt(f.n_opt)} D_opt={fmt(f.d_opt)} '
+          f'loss={fmt(f.loss_opt, 4)} D/N={fmt(f.d_opt / f.n_opt)}{flag}')
+    for key, what in (('a', 'N_opt ∝ C^a'), ('b', 'D_opt ∝ C^b')):
+      p = a2[key]
+      boot = result['approach2'][f'{key}_bootstrap']
+      log(f'approach 2 {label}: {what}: {key} = {fmt(p["slope"])} ± {fmt(p["se"], 2)} '
+          f'(95% t-interval {fmt_ci(p["ci"])} over {p["num"]} budgets'
+          + (f'; bootstrap {fmt_ci(boot["ci"])}' if boot else '') + ')')
+
+  fit = sf.fit_law(n, d, loss, delta, sf.init_grid(grid), max_starts=max_starts)
+  law = fit.law
+  report_budgets = sorted(set(budgets) | (set(np.unique(sf.group_budgets(t['C'])))
+                                          if 'C' in t else set()))
+  laws = sf.bootstrap_laws(n, d, loss, bootstrap, fit.solutions, delta, seed) if bootstrap else []
+  iv = sf.law_intervals(laws, report_budgets, k) if laws else {}
+  result['approach3'] = dict(
+      E=law.E, A=law.A, B=law.B, alpha=law.alpha, beta=law.beta, a=law.a, b=law.b,
+      objective=fit.objective, huber_delta=delta, bootstrap=bootstrap,
+      intervals={key: iv[key] for key in ('E', 'A', 'B', 'alpha', 'beta', 'a', 'b')} if iv else {},
+      optimal=[dict(C=c, **{q: float(v) for q, v in law.compute_optimal(c, k).items()},
+                    intervals={q: iv[(c, q)] for q in ('n', 'd', 'loss', 'tokens_per_param')}
+                    if iv else {}) for c in report_budgets])
+  def with_ci(name, value):
+    s = iv.get(name)
+    return (f'{fmt(value)} ± {fmt(s["se"], 2)} {fmt_ci(s["ci"])}' if s else fmt(value))
+  log(f'approach 3 {label}: E={with_ci("E", law.E)} A={with_ci("A", law.A)} '
+      f'B={with_ci("B", law.B)} α={with_ci("alpha", law.alpha)} β={with_ci("beta", law.beta)}')
+  log(f'approach 3 {label}: a = β/(α+β) = {with_ci("a", law.a)}, b = {with_ci("b", law.b)} '
+      f'({bootstrap} bootstrap resamples of {len(n)} runs, 95% percentile intervals)')
+  for o in result['approach3']['optimal']:
+    ci = o['intervals']
+    def part(q):
+      return fmt(o[q]) + (f' {fmt_ci(ci[q]["ci"])}' if ci else '')
+    log(f'approach 3 {label} C={o["C"]:.3g} (C = {k:.2f}·N·D): N_opt={part("n")} '
+        f'D_opt={part("d")} loss={part("loss")} D/N={part("tokens_per_param")}')
+
+  figures = plot(out_dir, t, a2, law, fit, laws, k, label)
+  result['figures'] = figures
+  (out_dir / 'fit.json').write_text(json.dumps(result, indent=1, default=_json_default))
+  (out_dir / 'report.md').write_text(report(rows, result, label, notes))
+  log(f'wrote {out_dir / "report.md"}, fit.json and {", ".join(figures)}')
+  return result
+
+
+def _json_default(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return str(x)
+
+
+def plot(out_dir, t, a2, law, fit, laws, k, label) -> list:
+  """isoflop.png, optimal.png, contours.png, frontier.png (the first two need C)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  n, d, loss = t['N'], t['D'], t['loss']
+  written = []
+  cmap = plt.get_cmap('viridis')
+
+  def save(fig, name):
+    fig.tight_layout()
+    fig.savefig(out_dir / name, dpi=120)
+    plt.close(fig)
+    written.append(name)
+
+  if a2 is not None:
+    labels = sf.group_budgets(t['C'])
+    fits = a2['fits']
+    colours = {f.budget: cmap(i / max(len(fits) - 1, 1)) for i, f in enumerate(fits)}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for f in fits:
+      sel = labels == f.budget
+      col = colours[f.budget]
+      ax.scatter(n[sel], loss[sel], color=col, label=f'C={f.budget:.2g}')
+      if np.all(np.isfinite(f.coeffs)):
+        xs = np.linspace(np.log(n[sel].min()) - 0.2, np.log(n[sel].max()) + 0.2, 100)
+        ax.plot(np.exp(xs), np.polyval(f.coeffs, xs), color=col, lw=1)
+        ax.plot(f.n_opt, f.loss_opt, marker='*', ms=14, color=col,
+                mfc='none' if f.edge else col, mec='k' if not f.edge else col)
+    ax.set(xscale='log', xlabel='N (parameters)', ylabel='final validation loss',
+           title=f'IsoFLOP curves {label}\n(hollow star: edge optimum, left out)')
+    ax.legend(fontsize=8)
+    save(fig, 'isoflop.png')
+
+    good = [f for f in fits if not f.edge]
+    cs = np.array(sorted(set(labels)))
+    grid_c = np.logspace(np.log10(cs.min()) - 0.3, np.log10(cs.max()) + 0.3, 50)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, attr, name in ((axes[0], 'a', 'n_opt', 'N_opt'), (axes[1], 'b', 'd_opt', 'D_opt')):
+      p = a2[key]
+      ax.scatter([f.budget for f in good], [getattr(f, attr) for f in good], color='C0',
+                 label='approach 2 (IsoFLOP vertices)')
+      bad = [f for f in fits if f.edge and np.isfinite(getattr(f, attr))]
+      if bad:
+        ax.scatter([f.budget for f in bad], [getattr(f, attr) for f in bad], color='C0',
+                   facecolor='none', label='edge optima (left out)')
+      if np.isfinite(p['slope']):
+        ax.plot(grid_c, p['coef'] * grid_c ** p['slope'], color='C0',
+                label=f'C^{p["slope"]:.3f}')
+      opt = law.compute_optimal(grid_c, k)
+      ax.plot(grid_c, opt[attr[0]], color='C3',
+              label=f'approach 3: C^{getattr(law, key):.3f}')
+      if laws:
+        band = np.array([l.compute_optimal(grid_c, k)[attr[0]] for l in laws])
+        ax.fill_between(grid_c, *np.percentile(band, [2.5, 97.5], axis=0), color='C3', alpha=0.2)
+      ax.set(xscale='log', yscale='log', xlabel='C (FLOPs)', ylabel=name)
+      ax.legend(fontsize=8)
+    fig.suptitle(f'Compute-optimal N and D {label}')
+    save(fig, 'optimal.png')
+
+  fig, ax = plt.subplots(figsize=(6.5, 5))
+  ln_lo, ln_hi = np.log(n.min()) - 0.5, np.log(n.max()) + 0.5
+  ld_lo, ld_hi = np.log(d.min()) - 0.5, np.log(d.max()) + 0.5
+  gn, gd = np.meshgrid(np.exp(np.linspace(ln_lo, ln_hi, 120)), np.exp(np.linspace(ld_lo, ld_hi, 120)))
+  surf = law.loss(gn, gd)
+  levels = np.linspace(np.percentile(surf, 1), np.percentile(surf, 99), 15)
+  cs_ = ax.contourf(gn, gd, surf, levels=levels, cmap='viridis_r', extend='both')
+  fig.colorbar(cs_, ax=ax, label='fitted L(N, D)')
+  ax.scatter(n, d, c=loss, cmap='viridis_r', norm=cs_.norm, edgecolors='w', s=40, zorder=3)
+  if 'C' in t:
+    for c in np.unique(sf.group_budgets(t['C'])):
+      ns = np.exp(np.linspace(ln_lo, ln_hi, 10))
+      ax.plot(ns, c / (k * ns), color='w', lw=0.7, ls=':')
+  cpath = np.logspace(np.log10(k * n.min() * d.min()), np.log10(k * n.max() * d.max()), 50)
+  opt = law.compute_optimal(cpath, k)
+  ax.plot(opt['n'], opt['d'], color='C3', label='compute-optimal (approach 3)')
+  ax.set(xscale='log', yscale='log', xlim=(np.exp(ln_lo), np.exp(ln_hi)),
+         ylim=(np.exp(ld_lo), np.exp(ld_hi)), xlabel='N (parameters)', ylabel='D (tokens)',
+         title=f'L = {law.E:.2f} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f}\n'
+               f'{label}, dotted: iso-FLOP lines')
+  ax.legend(fontsize=8, loc='upper right')
+  save(fig, 'contours.png')
+
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  if 'C' in t:
+    labels = sf.group_budgets(t['C'])
+    cs = np.unique(labels)
+    ax.scatter(t['C'], loss, color='0.6', s=12, label='runs')
+    ax.plot(cs, [loss[labels == c].min() for c in cs], 'o-', color='C0', label='best run per budget')
+    if a2 is not None:
+      ok = [f for f in a2['fits'] if not f.edge]
+      ax.scatter([f.budget for f in ok], [f.loss_opt for f in ok], marker='*', s=120,
+                 color='C1', zorder=3, label='approach 2 vertices')
+    grid_c = np.logspace(np.log10(cs.min()) - 0.5, np.log10(cs.max()) + 0.5, 60)
+  else:
+    cflops = k * n * d
+    ax.scatter(cflops, loss, color='0.6', s=12, label='runs (C = k·N·D)')
+    grid_c = np.logspace(np.log10(cflops.min()) - 0.5, np.log10(cflops.max()) + 0.5, 60)
+  ax.plot(grid_c, law.compute_optimal(grid_c, k)['loss'], color='C3',
+          label='approach 3 compute-optimal loss')
+  if laws:
+    band = np.array([l.compute_optimal(grid_c, k)['loss'] for l in laws])
+    ax.fill_between(grid_c, *np.percentile(band, [2.5, 97.5], axis=0), color='C3', alpha=0.2)
+  ax.axhline(law.E, color='k', ls=':', lw=0.8, label=f'E = {law.E:.3f}')
+  ax.set(xscale='log', xlabel='C (FLOPs)', ylabel='final validation loss',
+         title=f'Loss frontier {label}')
+  ax.legend(fontsize=8)
+  save(fig, 'frontier.png')
+  return written
+
+
+def report(rows, result, label, notes) -> str:
+  """report.md: setup, both fits with intervals, the optimum at the largest budget."""
+  a3 = result['approach3']
+  iv = a3['intervals']
+  lines = [f'# Scaling-law fit {label}', '']
+  lines += [f'- {x}' for x in notes]
+  lines += [f'- {result["num_runs"]} runs; FLOP convention **{result["convention"]}**, N counted as '
+            f'**{result["params_counted"] or "given"}** parameters; in approach 3, '
+            f'C = {result["flops_per_param_token"]:.2f}·N·D (mean of the runs\' C/(N·D)).', '']
+  if 'approach2' in result:
+    r2 = result['approach2']
+    lines += ['## Approach 2: IsoFLOP parabolas', '',
+              '| C | runs | N_opt | D_opt | D/N | loss at vertex | |',
+              '|---|---|---|---|---|---|---|']
+    for b in r2['budgets']:
+      lines.append(f'| {b["C"]:.3g} | {b["num_runs"]} | {fmt(b["n_opt"])} | {fmt(b["d_opt"])} | '
+                   f'{fmt(b["tokens_per_param"])} | {fmt(b["loss_opt"], 4)} | '
+                   f'{"edge: " + b["reason"] + " (left out)" if b["edge"] else ""} |')
+    lines.append('')
+    for key, what in (('a', 'N_opt ∝ C^a'), ('b', 'D_opt ∝ C^b')):
+      p, boot = r2[key], r2[f'{key}_bootstrap']
+      lines.append(f'- {what}: **{key} = {fmt(p["slope"])}** ± {fmt(p["se"], 2)}, 95% t-interval '
+                   f'{fmt_ci(p["ci"])} over {p["num"]} bracketed budgets'
+                   + (f'; bootstrap over runs {fmt_ci(boot["ci"])}' if boot else '') + '.')
+    lines.append('')
+  lines += ['## Approach 3: L(N, D) = E + A/N^α + B/D^β', '',
+            f'Huber δ = {a3["huber_delta"]} on log L, L-BFGS from a grid of starts, '
+            f'{a3["bootstrap"]} bootstrap resamples of the runs (± standard error, '
+            '[95% percentile interval]).', '', '| | fit | ± | 95% interval |', '|---|---|---|---|']
+  for key, name in (('E', 'E'), ('A', 'A'), ('B', 'B'), ('alpha', 'α'), ('beta', 'β'),
+                    ('a', 'a = β/(α+β)'), ('b', 'b = α/(α+β)')):
+    s = iv.get(key)
+    lines.append(f'| {name} | {fmt(a3[key])} | {fmt(s["se"], 2) if s else ""} | '
+                 f'{fmt_ci(s["ci"]) if s else ""} |')
+  lines += ['', '| C | N_opt | D_opt | D/N | loss |', '|---|---|---|---|---|']
+  for o in a3['optimal']:
+    ci = o['intervals']
+    def cell(q):
+      return fmt(o[q]) + (f' {fmt_ci(ci[q]["ci"])}' if ci else '')
+    lines.append(f'| {o["C"]:.3g} | {cell("n")} | {cell("d")} | {cell("tokens_per_param")} | '
+                 f'{cell("loss")} |')
+  if a3['optimal']:
+    top = a3['optimal'][-1]
+    lines += ['', f'At the largest budget C = {top["C"]:.3g}: approach 3 gives '
+              f'{fmt(top["tokens_per_param"])} tokens per parameter'
+              + (f' (95% {fmt_ci(top["intervals"]["tokens_per_param"]["ci"])})'
+                 if top['intervals'] else '')]
+    if 'approach2' in result:
+      b = [x for x in result['approach2']['budgets'] if x['C'] == top['C']]
+      if b:
+        lines[-1] += (f', approach 2 {fmt(b[0]["tokens_per_param"])}'
+                      + (' (edge optimum)' if b[0]['edge'] else ''))
+    lines[-1] += '.'
+  lines += ['', '## For comparison', '', CHINCHILLA, '', '## Figures', '']
+  lines += [f'![{f}]({f})' for f in result.get('figures', [])]
+  cols = [c for c in ('run_id', 'C', 'N', 'D', 'loss', 'd_model', 'num_layers', 'steps',
+                      'epochs', 'wall_seconds') if c in rows[0]]
+  lines += ['', '## Runs', '', '| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+  for r in rows:
+    lines.append('| ' + ' | '.join(_cell(r[c]) for c in cols) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def _cell(v) -> str:
+  try:
+    x = float(v)
+  except ValueError:
+    return v
+  return v if x.is_integer() and abs(x) < 1e6 else fmt(x, 4)
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Only when run as a script: experiments.scaling imports this module for `analyse`."""
+  flags.DEFINE_string('out', '', 'Output folder (default: the CSV\'s folder).')
+  flags.DEFINE_integer('bootstrap', 200, 'Bootstrap resamples (0: none).')
+  flags.DEFINE_float('huber_delta', 1e-3, 'Huber δ on log loss.')
+  flags.DEFINE_enum('grid', 'hoffmann', ['hoffmann', 'coarse'], 'Approach-3 starts.')
+  flags.DEFINE_integer('max_starts', 100, 'L-BFGS from this many best starts (0: all).')
+  flags.DEFINE_list('budgets', [], 'Extra budgets (FLOPs) for compute-optimal N, D, loss.')
+  flags.DEFINE_integer('seed', 0, 'Bootstrap seed.')
+
+
+def main(argv):
+  if len(argv) != 2:
+    print('usage: python -m experiments.scaling_fit runs.csv [--out=DIR]', file=sys.stderr)
+    sys.exit(2)
+  path = pathlib.Path(argv[1])
+  try:
+    rows = read_runs(path)
+    budgets = [float(b) for b in FLAGS.budgets]
+    analyse(rows, FLAGS.out or path.parent, delta=FLAGS.huber_delta, bootstrap=FLAGS.bootstrap,
+            grid=FLAGS.grid, max_starts=FLAGS.max_starts or None, seed=FLAGS.seed,
+            budgets=budgets, notes=[f'runs from {path}'])
+  except (FitError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

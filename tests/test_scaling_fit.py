@@ -1,0 +1,180 @@
+"""Scaling-law fits on synthetic runs from a known L(N, D), and the sweep's CSV and restart."""
+import csv
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from configs import scaling as scaling_config
+from experiments import scaling
+from experiments import scaling_fit as scaling_fit_exp
+from research import scaling_fit as sf
+from tests.test_pretrain import write_corpus
+
+# Besiroglu et al. 2024's refit of Chinchilla: a = β/(α+β) ≈ 0.513.
+TRUE = sf.Law(E=1.82, A=482.0, B=2085.0, alpha=0.3478, beta=0.3658)
+
+
+def isoflop_runs(law, budgets, sizes=7, span=1.5, noise=0.005, seed=0, k=6.0):
+  """Per budget, sizes spread ±span in ln N around the optimum (randomly offset, as a fixed
+  ladder would be), D = C / (k N), losses with multiplicative noise."""
+  rng = np.random.default_rng(seed)
+  n, d, c = [], [], []
+  for budget in budgets:
+    centre = np.log(law.compute_optimal(budget, k)['n']) + rng.uniform(-0.3, 0.3)
+    for u in np.linspace(-span, span, sizes):
+      n.append(np.exp(centre + u + rng.uniform(-0.1, 0.1)))
+      d.append(budget / (k * n[-1]))
+      c.append(budget)
+  n, d, c = map(np.array, (n, d, c))
+  return n, d, c, law.loss(n, d) * np.exp(rng.normal(0, noise, len(n)))
+
+
+@pytest.fixture(scope='module')
+def synthetic():
+  return isoflop_runs(TRUE, np.logspace(18, 22, 5))
+
+
+@pytest.fixture(scope='module')
+def law_fit(synthetic):
+  n, d, _, loss = synthetic
+  return sf.fit_law(n, d, loss, starts=sf.init_grid('coarse'), max_starts=40)
+
+
+def test_approach3_recovers_the_law(law_fit):
+  law = law_fit.law
+  assert abs(law.alpha - TRUE.alpha) < 0.03, law
+  assert abs(law.beta - TRUE.beta) < 0.03, law
+  assert abs(law.E - TRUE.E) < 0.05, law
+  assert abs(law.a - TRUE.a) < 0.03, law
+
+
+def test_screened_grid_finds_the_same_optimum_as_every_start(synthetic, law_fit):
+  n, d, _, loss = synthetic
+  starts = sf.init_grid('coarse')[::4]  # 61 spread-out starts keep this test short
+  full = sf.fit_law(n, d, loss, starts=starts, max_starts=None)
+  screened = sf.fit_law(n, d, loss, starts=starts, max_starts=8)
+  assert screened.objective == pytest.approx(full.objective, rel=1e-6)
+  assert full.objective == pytest.approx(law_fit.objective, rel=1e-6)
+
+
+def test_huber_gradient_matches_finite_differences(synthetic):
+  n, d, _, loss = synthetic
+  args = (np.log(n), np.log(d), np.log(loss), 1e-3)
+  theta = TRUE.theta() + np.array([0.1, -0.1, 0.02, 0.01, -0.01])
+  _, g = sf.huber_objective(theta, *args)
+  eye = np.eye(5) * 1e-6
+  num = [(sf.huber_objective(theta + e, *args)[0] - sf.huber_objective(theta - e, *args)[0]) / 2e-6
+         for e in eye]
+  np.testing.assert_allclose(g, num, rtol=1e-4)
+
+
+def test_bootstrap_intervals_cover_the_truth(synthetic, law_fit):
+  n, d, _, loss = synthetic
+  laws = sf.bootstrap_laws(n, d, loss, 30, law_fit.solutions, seed=1)
+  iv = sf.law_intervals(laws, budgets=[1e22])
+  for key in ('alpha', 'beta', 'a'):
+    lo, hi = iv[key]['ci']
+    assert lo - 0.02 < getattr(TRUE, key) < hi + 0.02, (key, iv[key])
+    assert 0 < iv[key]['se'] < 0.05
+  lo, hi = iv[(1e22, 'n')]['ci']
+  assert lo < law_fit.law.compute_optimal(1e22)['n'] < hi
+
+
+def test_compute_optimal_is_the_minimum_on_the_budget():
+  c, k = 1e21, 6.0
+  opt = TRUE.compute_optimal(c, k)
+  assert opt['n'] * opt['d'] * k == pytest.approx(c)
+  for factor in (0.8, 1.25):
+    n = opt['n'] * factor
+    assert TRUE.loss(n, c / (k * n)) > opt['loss']
+  assert opt['tokens_per_param'] == pytest.approx(opt['d'] / opt['n'])
+
+
+def test_approach2_recovers_the_exponent(synthetic):
+  n, d, c, loss = synthetic
+  r = sf.approach2(n, d, c, loss)
+  assert not any(f.edge for f in r['fits'])
+  assert abs(r['a']['slope'] - TRUE.a) < 0.03, r['a']
+  assert abs(r['b']['slope'] - TRUE.b) < 0.03, r['b']
+  assert r['a']['ci'][0] < r['a']['slope'] < r['a']['ci'][1]
+
+
+def test_edge_optima_are_flagged_and_left_out():
+  budgets = np.logspace(18, 21, 4)
+  n, d, c, loss = isoflop_runs(TRUE, budgets, noise=0.0)
+  # The last budget's grid only holds models 3-20x smaller than its optimum.
+  last = c == budgets[-1]
+  n[last] = n[last] / np.exp(1.5 + 1.2)
+  d[last] = budgets[-1] / (6 * n[last])
+  loss[last] = TRUE.loss(n[last], d[last])
+  r = sf.approach2(n, d, c, loss)
+  flags = {f.budget: (f.edge, f.reason) for f in r['fits']}
+  assert flags[budgets[-1]][0] and 'largest' in flags[budgets[-1]][1], flags
+  assert not any(flags[b][0] for b in budgets[:-1]), flags
+  assert r['budgets_used'] == pytest.approx(budgets[:-1])
+  assert abs(r['a']['slope'] - TRUE.a) < 0.03
+  few = sf.fit_isoflop(1e20, [1e8, 2e8], [1e9, 5e8], [2.5, 2.4])
+  assert few.edge and '3' in few.reason
+
+
+def test_fit_cli_writes_report_and_figures(synthetic, tmp_path):
+  n, d, c, loss = synthetic
+  path = tmp_path / 'runs.csv'
+  with open(path, 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['N', 'D', 'C', 'loss', 'convention'])
+    w.writerows(zip(n, d, c, loss, ['6N'] * len(n)))
+  logs = []
+  result = scaling_fit_exp.analyse(scaling_fit_exp.read_runs(path), tmp_path, bootstrap=5,
+                                   grid='coarse', max_starts=20, log=logs.append)
+  assert all('[6N FLOPs' in line for line in logs[:-1])
+  assert result['flops_per_param_token'] == pytest.approx(6.0)
+  assert abs(result['approach2']['a']['slope'] - TRUE.a) < 0.03
+  for name in ('isoflop.png', 'optimal.png', 'contours.png', 'frontier.png', 'report.md'):
+    assert (tmp_path / name).stat().st_size > 0, name
+  assert 'tokens per parameter' in (tmp_path / 'report.md').read_text()
+  json.loads((tmp_path / 'fit.json').read_text())
+  with pytest.raises(scaling_fit_exp.FitError, match='N, D, loss'):
+    bad = tmp_path / 'bad.csv'
+    bad.write_text('n,d\n1,2\n')
+    scaling_fit_exp.read_runs(bad)
+
+
+def test_default_plan_brackets_each_budget_with_five_sizes():
+  config = scaling_config.get_config('cpu')
+  runs = scaling.plan(config)
+  budgets = sorted(set(r.budget for r in runs))
+  assert len(budgets) >= 4 and len(runs) == 5 * len(budgets)
+  tokens_per_step = config.base.data.batch_size * config.base.data.seq_len
+  for b in budgets:
+    mine = [r for r in runs if r.budget == b]
+    assert len({r.n for r in mine}) == 5
+    ratios = [r.tokens / r.n for r in mine]
+    assert min(ratios) < config.sweep.tokens_per_param < max(ratios)
+    for r in mine:  # D = C / FLOPs-per-token, to a whole step
+      assert abs(r.tokens * r.flops_per_token - b) <= tokens_per_step * r.flops_per_token / 2
+
+
+def test_sweep_writes_csv_and_skips_finished_runs(tmp_path, monkeypatch):
+  config = scaling_config.get_config('test')
+  config.base.data.corpus = str(write_corpus(tmp_path / 'corpus', docs=30))
+  study = tmp_path / 'study'
+  rows = scaling.sweep(config, study)
+  runs = scaling.plan(config)
+  assert [r['run_id'] for r in rows] == [r.run_id for r in runs]
+  for row, run in zip(rows, runs):
+    assert row['convention'] == 'chinchilla' and int(row['N']) == run.n
+    assert int(row['D']) == run.tokens and float(row['C']) == run.budget
+    assert 0 < float(row['loss']) < 10 and float(row['wall_seconds']) > 0
+    saved = json.loads((study / 'runs' / run.run_id / 'config.json').read_text())
+    assert saved['optimizer']['total_steps'] == saved['train']['steps'] == run.steps
+    assert saved['tokenizer']['path'] == str(study / 'tokenizer.model')
+
+  def no_training(*args, **kwargs):
+    raise AssertionError('a finished run was trained again')
+  monkeypatch.setattr(scaling.pretrain, 'train', no_training)
+  again = scaling.sweep(config, study)
+  assert again == rows
+  assert len((study / 'runs.csv').read_text().splitlines()) == 1 + len(runs)
