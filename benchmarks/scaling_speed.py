@@ -14,6 +14,8 @@ from absl import app, flags
 from benchmarks import common as bench
 from configs import scaling as scaling_config
 from experiments import scaling
+from research import flops as flops_lib
+from research import model as model_lib
 from research import objectives
 from research import sharding
 from research import train_step as train_lib
@@ -25,7 +27,7 @@ _OVERHEAD = flags.DEFINE_float('overhead_s', 20.0, 'Seconds per run besides its 
 
 def step_seconds(config, model_cfg, repeats):
   b, l = config.base.data.batch_size, config.base.data.seq_len
-  model = scaling.model_lib.Transformer(model_cfg)
+  model = model_lib.Transformer(model_cfg)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   tx, schedule = train_lib.make_optimizer(train_lib.OptimizerConfig(
       **config.base.optimizer.to_dict()))
@@ -63,8 +65,8 @@ def main(argv):
     m = scaling.model_config(config, d, layers)
     s = step_seconds(config, m, _STEPS.value)
     tps[(d, layers)] = b * l / s
-    fpt = scaling.flops_lib.train_flops_per_token(m, l, convention)
-    print(f'd {d:4d} L {layers:2d}: N {scaling.flops_lib.scaling_params(m, convention):>10,} '
+    fpt = flops_lib.train_flops_per_token(m, l, convention)
+    print(f'd {d:4d} L {layers:2d}: N {flops_lib.scaling_params(m, convention):>10,} '
           f'({convention} count), {s * 1e3:7.1f} ms/step, {tps[(d, layers)]:9,.0f} tokens/s, '
           f'{tps[(d, layers)] * fpt / 1e9:6.1f} GFLOP/s', flush=True)
   total = 0.0

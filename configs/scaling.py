@@ -8,29 +8,31 @@ else about a run is `base` (a configs/pretrain.py config), e.g.
 `--config.base.data.corpus=/data/web.jsonl --config.base.optimizer.learning_rate=1e-3`.
 
 Presets:
-  cpu   4 budgets × 5 sizes (d 64–256, 1–4 layers, vocab 1024, T 128, batch 16) on the
-        embedded 'sotu' corpus; about 45 min on 2 idle CPU cores (benchmarks/scaling_speed.py
-        predicts it for this machine).
-  gpu   5 budgets 1e16–1e18 (d 256–1536, 4–24 layers, vocab 32768, T 1024, bfloat16) for one
-        accelerator. Give it a corpus of a few billion tokens: sotu would be repeated
-        hundreds of times (the report flags runs that see their data more than 4 times).
+  cpu   4 budgets 1e12–1.5e13 × 5 sizes (d 32–128 of a d 32–256 ladder, 1–3 layers,
+        vocab 1024, T 128, batch 16) on the embedded 'sotu' corpus (at most 3 passes over
+        it); benchmarks/scaling_speed.py predicts its time on this machine.
+  gpu   5 budgets 1e16–1e18 (d 128–1536, 2–24 layers, vocab 32768, T 1024, bfloat16) for one
+        accelerator, 1% of the documents held out. Give it a corpus of a few billion tokens:
+        sotu would be repeated hundreds of times (the report flags more than 4 passes).
   test  2 tiny runs (one shape, two seeds) on a corpus you name (the tests use it).
 """
 import ml_collections
 
 from configs import pretrain
 
-# (d_model, num_layers) ladders, roughly ×1.4–2.2 apart in parameters, aspect d/L 32–128.
+# (d_model, num_layers) ladders, ×1.3–2 apart in parameters; the cpu one starts at d 32
+# because at 1e12 FLOPs ~20 tokens per parameter means ~70k parameters, most of them embedding.
 CPU_SHAPES = ((32, 1), (48, 1), (64, 1), (64, 2), (96, 2), (128, 2), (128, 3), (160, 3),
               (192, 3), (192, 4), (256, 4))
-GPU_SHAPES = ((256, 4), (384, 4), (384, 6), (512, 6), (512, 8), (640, 10), (768, 12),
-              (896, 14), (1024, 16), (1280, 18), (1536, 24))
+GPU_SHAPES = ((128, 2), (192, 3), (256, 4), (384, 4), (384, 6), (512, 6), (512, 8), (640, 10),
+              (768, 12), (896, 14), (1024, 16), (1280, 18), (1536, 24))
 
 PRESETS = {
     'cpu': dict(pretrain='tiny', budgets=(1e12, 2.5e12, 6e12, 1.5e13), shapes=CPU_SHAPES,
                 vocab=1024, seq_len=128, batch=16, lr=3e-3, head_dim=16, bootstrap=200),
     'gpu': dict(pretrain='gpu', budgets=(1e16, 3e16, 1e17, 3e17, 1e18), shapes=GPU_SHAPES,
-                vocab=32768, seq_len=1024, batch=32, lr=1e-3, head_dim=64, bootstrap=500),
+                vocab=32768, seq_len=1024, batch=32, lr=1e-3, head_dim=64, bootstrap=500,
+                validation_fraction=0.01),  # every run ends on the whole validation split
     # One shape, two seeds: the second run reuses the first one's compiled steps.
     'test': dict(pretrain='tiny', budgets=(3e8,), shapes=((16, 1),), vocab=512, seq_len=32,
                  batch=4, lr=3e-3, head_dim=8, bootstrap=20, sizes=1, seeds=(0, 1)),
@@ -56,6 +58,7 @@ def get_config(arg: str = 'cpu') -> ml_collections.ConfigDict:
   b.train.checkpoint_every = 500  # a killed sweep resumes its run from here
   b.train.keep_checkpoints = 1
   b.train.num_samples = 0
+  b.data.validation_fraction = p.get('validation_fraction', b.data.validation_fraction)
   c.base = b
 
   c.sweep = ml_collections.ConfigDict()

@@ -278,7 +278,8 @@ def main(config, workdir):
            f'{config.base.tokenizer.vocab_size}, T {config.base.data.seq_len}, batch '
            f'{config.base.data.batch_size}, learning rate {config.base.optimizer.learning_rate} '
            f'(cosine to {config.base.optimizer.final_lr_fraction}× at each run\'s last step, '
-           f'warmup {config.sweep.warmup_fraction:.0%} of its steps), seeds {tuple(config.sweep.seeds)}',
+           f'warmup {config.sweep.warmup_fraction:.0%} of its steps), '
+           f'seeds {tuple(config.sweep.seeds)}',
            f'total wall time of the runs: {wall / 60:.1f} min; most passes over the training '
            f'data in one run: {epochs:.2f}'
            + (' (more than 4: repeated data changes the law, Muennighoff et al. 2023)'

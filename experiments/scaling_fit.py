@@ -217,7 +217,8 @@ def plot(out_dir, t, a2, law, fit, laws, k, label) -> list:
   fig, ax = plt.subplots(figsize=(6.5, 5))
   ln_lo, ln_hi = np.log(n.min()) - 0.5, np.log(n.max()) + 0.5
   ld_lo, ld_hi = np.log(d.min()) - 0.5, np.log(d.max()) + 0.5
-  gn, gd = np.meshgrid(np.exp(np.linspace(ln_lo, ln_hi, 120)), np.exp(np.linspace(ld_lo, ld_hi, 120)))
+  gn, gd = np.meshgrid(np.exp(np.linspace(ln_lo, ln_hi, 120)),
+                       np.exp(np.linspace(ld_lo, ld_hi, 120)))
   surf = law.loss(gn, gd)
   levels = np.linspace(np.percentile(surf, 1), np.percentile(surf, 99), 15)
   cs_ = ax.contourf(gn, gd, surf, levels=levels, cmap='viridis_r', extend='both')
@@ -242,7 +243,8 @@ def plot(out_dir, t, a2, law, fit, laws, k, label) -> list:
     labels = sf.group_budgets(t['C'])
     cs = np.unique(labels)
     ax.scatter(t['C'], loss, color='0.6', s=12, label='runs')
-    ax.plot(cs, [loss[labels == c].min() for c in cs], 'o-', color='C0', label='best run per budget')
+    ax.plot(cs, [loss[labels == c].min() for c in cs], 'o-', color='C0',
+            label='best run per budget')
     if a2 is not None:
       ok = [f for f in a2['fits'] if not f.edge]
       ax.scatter([f.budget for f in ok], [f.loss_opt for f in ok], marker='*', s=120,
@@ -271,7 +273,8 @@ def report(rows, result, label, notes) -> str:
   iv = a3['intervals']
   lines = [f'# Scaling-law fit {label}', '']
   lines += [f'- {x}' for x in notes]
-  lines += [f'- {result["num_runs"]} runs; FLOP convention **{result["convention"]}**, N counted as '
+  lines += [f'- {result["num_runs"]} runs; FLOP convention **{result["convention"]}**, '
+            f'N counted as '
             f'**{result["params_counted"] or "given"}** parameters; in approach 3, '
             f'C = {result["flops_per_param_token"]:.2f}·N·D (mean of the runs\' C/(N·D)).', '']
   if 'approach2' in result:
