@@ -8,11 +8,12 @@
 Bench model: 6 layers, d_model 384, 6 heads of 64, T=256, batch 8 (N = B*T = 2048 rows),
 GELU MLP 4x, vocab 8192, tied embeddings.
 
-Every group of measurements is timed round-robin (variant after variant, `reps` times,
-median) *together with* a float32 2048x2048 jnp.dot, the denominator of "utilisation":
-the machine is shared and its speed drifts by 2x within minutes, so only ratios taken
-side by side mean anything.  "xDOT" columns are GFLOP/s divided by that dot's GFLOP/s
-measured in the same group.
+Every variant is timed round-robin (variant after variant, `reps` times) and each of
+its runs is paired with a run of a float32 2048x2048 jnp.dot right next to it, the
+denominator of "utilisation": the machine is shared and its speed drifts by 2-4x within
+minutes, so only ratios taken side by side mean anything.  "xDOT" is the median over
+repetitions of (variant GFLOP/s) / (GFLOP/s of its paired dot); ms and GFLOP/s columns
+are plain medians (they move with the machine's load).
 
 FLOP conventions: dense 2*N*D*F forward, 3x that forward+backward; attention
 4*B*T*T*N*H forward (the full square, as in 6N + 12*L*d*T; the blocked kernel skips
@@ -57,17 +58,33 @@ def cpu_summary() -> str:
   return f"{model}, {os.cpu_count()} cpus, features: {' '.join(feats) or 'unknown'}"
 
 
-def compare(fns: dict, reps: int) -> dict:
-  """fns: name -> (compiled, args).  Round-robin timing; median seconds per call."""
+def _time(f, a) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(f(*a))
+  return time.perf_counter() - t0
+
+
+def compare(fns: dict, dot, reps: int) -> dict:
+  """fns: name -> (compiled, args); dot: (compiled, args) of the reference dot.
+
+  Round-robin: each repetition times every variant right after a run of the reference
+  dot, so each variant gets its own paired dot time.  Returns name -> (median seconds,
+  median dot seconds of its pairs, median of the paired ratios dot_time / time).  The
+  paired ratio is robust to the machine's speed drifting during the group.
+  """
+  jax.block_until_ready(dot[0](*dot[1]))
   for f, a in fns.values():
     jax.block_until_ready(f(*a))
   times = {n: [] for n in fns}
   for _ in range(reps):
     for n, (f, a) in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(*a))
-      times[n].append(time.perf_counter() - t0)
-  return {n: float(np.median(v)) for n, v in times.items()}
+      times[n].append((_time(f, a), _time(*dot)))
+  out = {}
+  for n, v in times.items():
+    t = np.array(v)
+    out[n] = (float(np.median(t[:, 0])), float(np.median(t[:, 1])),
+              float(np.median(t[:, 1] / t[:, 0])))
+  return out
 
 
 def _dot_entry():
@@ -88,21 +105,26 @@ def grad_fn(f, argnums):
 
 
 def run_group(title, variants, args, flop_fwd, reps):
-  """variants: name -> function(*args).  Times fwd and fwd+bwd of each with the dot."""
-  fns = {"DOT": _dot_entry()}
+  """variants: name -> function(*args).  Times fwd and fwd+bwd of each, paired with the dot.
+
+  Returns ({name: (seconds, GFLOP/s, xDOT)}, GFLOP/s of the dot over the group).  xDOT is
+  the median over repetitions of (variant GFLOP/s) / (dot GFLOP/s measured just before).
+  """
+  fns = {}
   argnums = tuple(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating))
   for name, f in variants.items():
     fns[name + " fwd"] = (jax.jit(f).lower(*args).compile(), args)
     fns[name + " fwd+bwd"] = (jax.jit(grad_fn(f, argnums)).lower(*args).compile(), args)
-  t = compare(fns, reps)
-  dot = DOT_FLOP / t.pop("DOT") / 1e9
+  t = compare(fns, _dot_entry(), reps)
+  dot = DOT_FLOP / float(np.median([v[1] for v in t.values()])) / 1e9
   print(f"\n{title}   [f32 2048^2 jnp.dot in this group: {dot:.0f} GFLOP/s]")
   rows = {}
-  for name, sec in t.items():
+  for name, (sec, dot_sec, ratio) in t.items():
     flop = flop_fwd * (3 if name.endswith("fwd+bwd") else 1)
     g = flop / sec / 1e9
-    rows[name] = (sec, g, g / dot)
-    print(f"  {name:34s} {sec * 1e3:9.2f} ms {g:8.1f} GFLOP/s {g / dot:6.2f} xDOT")
+    x = ratio * flop / DOT_FLOP
+    rows[name] = (sec, g, x)
+    print(f"  {name:36s} {sec * 1e3:9.2f} ms {g:8.1f} GFLOP/s {x:6.2f} xDOT")
   return rows, dot
 
 
@@ -267,9 +289,9 @@ def summarise_dots(hlo_text: str) -> str:
 def step_estimate(dense_r, attn_r, head_r):
   """Kernel-only estimate of the bench training step (no norms, GELU, embedding, AdamW).
 
-  Each component's time is first expressed in "DOT-seconds" (its time times its own
-  group's DOT GFLOP/s), so components measured while the machine ran at different
-  speeds add up consistently; utilisation = FLOP / sum(DOT-seconds).
+  Each component is converted with its own paired xDOT ratio into the FLOP the dot
+  would have done in its time, so components measured while the machine ran at
+  different speeds add up consistently; utilisation = FLOP / sum of those.
   """
   print("\nKernel-only estimate of one bench training step, as a fraction of the f32 "
         "2048^2 dot\n(6 layers x (qkv, out, mlp up, mlp down, attention) + LM head, "
@@ -278,21 +300,26 @@ def step_estimate(dense_r, attn_r, head_r):
   per_layer = ("qkv 384->1152", "attn out 384->384", "mlp up 384->1536", "mlp down 1536->384")
   flop_total = (layers * sum(6 * tokens * d * f for d, f in ((384, 1152), (384, 384), (384, 1536), (1536, 384)))
                 + layers * 12 * 8 * 256 * 256 * 384 + 6 * tokens * 384 * 8192)
+  flops = {"dense": {label: 6 * tokens * d * f for label, (d, f) in zip(
+      per_layer, ((384, 1152), (384, 384), (384, 1536), (1536, 384)))},
+      "attention": 12 * 8 * 256 * 256 * 384, "head": 6 * tokens * 384 * 8192}
   for dname, keys in (("float32", ["plain", "kernel"]),
                       ("bf16", ["plain", "kernel[native bf16 dots]", "kernel[f32 dots]"])):
     for key in keys:
-      parts = {}
+      # "DOT-FLOP": each component's FLOP divided by its paired xDOT ratio, i.e. the FLOP
+      # the reference dot would have done in the same time.
+      parts = {"dense": 0.0}
       for label in per_layer:
-        rows, dot = dense_r[(label, dname)]
-        parts["dense"] = parts.get("dense", 0.0) + layers * rows[f"{key} fwd+bwd"][0] * dot
+        rows, _ = dense_r[(label, dname)]
+        parts["dense"] += layers * flops["dense"][label] / rows[f"{key} fwd+bwd"][2]
       if (8, 256, "causal", dname) in attn_r:
-        rows, dot = attn_r[(8, 256, "causal", dname)]
-        parts["attention"] = layers * rows[f"{key} fwd+bwd"][0] * dot
-      rows, dot = head_r[dname]
-      parts["head"] = rows[f"{key} fwd+bwd"][0] * dot
+        rows, _ = attn_r[(8, 256, "causal", dname)]
+        parts["attention"] = layers * flops["attention"] / rows[f"{key} fwd+bwd"][2]
+      rows, _ = head_r[dname]
+      parts["head"] = flops["head"] / rows[f"{key} fwd+bwd"][2]
       total = sum(parts.values())
       shares = ", ".join(f"{k} {v / total:.0%}" for k, v in parts.items())
-      print(f"  {dname:8s} {key:26s} {flop_total / 1e9 / total:5.2f} xDOT   time shares: {shares}")
+      print(f"  {dname:8s} {key:26s} {flop_total / total:5.2f} xDOT   time shares: {shares}")
 
 
 def main():
