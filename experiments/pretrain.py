@@ -260,7 +260,9 @@ def train(config, workdir) -> dict:
     stop.restore()
     ckpt.close()
 
-  eval_metrics = run_eval(step, max_batches=0)  # the final figure: the whole split
+  # The final figure: the whole split, or train.final_eval_batches (optional) where a
+  # study with a large held-out split runs many models.
+  eval_metrics = run_eval(step, max_batches=tc.get('final_eval_batches', 0))
   samples = []
   if tc['num_samples'] and config['objective']['name'] != 'masked':
     samples = sampling.greedy_texts(state.params, model_cfg, tokenizer,

@@ -1,0 +1,113 @@
+"""The objective-comparison study: equal budgets asserted, and a 2-arm × 1-seed micro
+study end to end on a tiny synthetic corpus that writes report.md and, restarted,
+neither retrains nor re-evaluates what is finished."""
+import json
+import pathlib
+import random
+
+import pytest
+
+from configs import compare_objectives as study_config
+from experiments import common
+from experiments import compare_objectives as study
+from research import data as data_lib
+from research import tokenizer as tokenizer_lib
+
+WORDS = ('the nation people congress year government states war peace law trade men '
+         'work union great public country free power act time duty world').split()
+
+
+def write_corpus(path: pathlib.Path, docs=60, seed=0) -> pathlib.Path:
+  """A .jsonl corpus whose documents carry a `year` (the era task's label)."""
+  rng = random.Random(seed)
+  with open(path, 'w') as f:
+    for i in range(docs):
+      text = ' '.join(' '.join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize()
+                      + '.' for _ in range(rng.randint(15, 30)))
+      f.write(json.dumps({'text': text, 'year': 1790 + 4 * i}) + '\n')
+  return path
+
+
+MICRO = {
+    'arms': "('causal','masked15')", 'seeds': '(0,)',
+    'pretrain.data.seq_len': 32, 'pretrain.data.batch_size': 8,
+    'pretrain.data.validation_fraction': 0.3, 'pretrain.tokenizer.vocab_size': 512,
+    'pretrain.model.d_model': 32, 'pretrain.model.num_layers': 1, 'pretrain.train.steps': 4,
+    'pretrain.train.eval_every': 2, 'pretrain.train.checkpoint_every': 2,
+    'pretrain.train.eval_batches': 1, 'pretrain.optimizer.warmup_steps': 1,
+    'eval.loss_batches': 2, 'eval.adapt_steps': 2, 'eval.pll_passages': 2, 'eval.batch_size': 16,
+    'era.num_bins': 2, 'era.passage_len': 16, 'era.train_per_class': 8, 'era.test_per_class': 4,
+    'era.steps': 2, 'era.batch_size': 4,
+    'era.attention': 'bidirectional',  # one fine-tuning compile for both arms: a faster test
+}
+
+
+def micro_config(corpus, **extra):
+  config = study_config.get_config('cpu')
+  for key, value in {**MICRO, 'pretrain.data.corpus': corpus, 'piqa.path': '/nonexistent',
+                     **extra}.items():
+    common.apply_override(config, key, str(value))
+  return config
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  return write_corpus(tmp_path_factory.mktemp('corpus') / 'speeches.jsonl')
+
+
+def test_budget_is_equal_across_all_arms_and_asserted(corpus, tmp_path):
+  config = micro_config(corpus, arms=tuple(study_config.ARM_OBJECTIVES))
+  docs = data_lib.load_corpus(str(corpus))
+  tok = tokenizer_lib.train_tokenizer((d.text for d in docs), 512)
+  tok.save(tmp_path / 'tok.model')
+  rows = data_lib.pack_documents(tok, docs, 32)
+  budgets = {arm: study.run_budget(study.arm_config(config, arm, 0, tmp_path / 'tok.model'), rows)
+             for arm in config.arms}
+  assert len(budgets) == 6
+  study.check_equal_budget(budgets)  # no error
+  first = budgets['causal']
+  assert first['input_tokens'] == 4 * 8 * 32 and 0 < first['corpus_tokens'] <= 4 * 8 * 32
+  assert all(b == first for b in budgets.values())
+  # A different seed draws other batches: the digest sees the data order.
+  other = study.run_budget(study.arm_config(config, 'causal', 1, tmp_path / 'tok.model'), rows)
+  assert other['data_order'] != first['data_order']
+  # Any arm that would see more tokens, or other batches, voids the comparison.
+  bigger = study.arm_config(config, 'masked40', 0, tmp_path / 'tok.model')
+  bigger.data.batch_size = 16
+  with pytest.raises(study.BudgetError, match='input_tokens|steps|corpus_tokens'):
+    study.check_equal_budget({**budgets, 'masked40': study.run_budget(bigger, rows)})
+  with pytest.raises(study.BudgetError, match='data_order'):
+    study.check_equal_budget({'causal': first, 'masked15': {**first, 'data_order': 'x'}})
+
+
+def test_micro_study_end_to_end_and_restart_skips_finished_runs(corpus, tmp_path, monkeypatch):
+  config = micro_config(corpus)
+  workdir = tmp_path / 'study'
+  results = study.run_study(config, workdir)
+  report = (workdir / 'report.md').read_text()
+  assert set(results) == {'causal', 'masked15', study.RANDOM}
+  for heading in ('| metric | causal | masked15 | random_init |',
+                  '## Agreement with the published findings', 'PIQA skipped'):
+    assert heading in report
+  assert (workdir / 'loss_vs_flops.png').stat().st_size > 0
+  assert (workdir / 'downstream.png').stat().st_size > 0
+  metrics = results['causal'][0]['metrics']
+  for key in ('causal_loss', 'causal_loss_adapted', 'cloze_accuracy', 'pll_word_l2r',
+              'era_finetune_accuracy', 'era_probe_accuracy'):
+    assert key in metrics
+  assert results['causal'][0]['realised']['input_tokens'] == 4 * 8 * 32
+
+  # Restart: nothing is retrained or re-evaluated.
+  def fail(*args, **kwargs):
+    raise AssertionError('a finished run was redone')
+  monkeypatch.setattr(study.pretrain, 'train', fail)
+  evaluated = workdir / 'masked15' / 'seed0' / 'evaluation.json'
+  before = evaluated.read_text()
+  with monkeypatch.context() as m:
+    m.setattr(study, 'evaluate_params', fail)
+    study.run_study(config, workdir)
+  assert evaluated.read_text() == before
+  # A lost evaluation is redone from the finished checkpoint, still without training.
+  evaluated.unlink()
+  study.run_study(config, workdir)
+  assert json.loads(evaluated.read_text())['metrics'].keys() == json.loads(before)['metrics'].keys()
