@@ -2,8 +2,9 @@
 
   python -m benchmarks.train_step [--preset=small] [--compile_layers=4,24] [--objective=causal]
 
-Utilisation is achieved FLOP/s (6N+attn convention, research/flops.py) over the FLOP/s of
-a float32 2048² jnp.dot measured in the same run: the practical peak of this machine.
+Utilisation is achieved FLOP/s ('palm' convention: every matmul including the LM head,
+research/flops.py) over the FLOP/s of a float32 2048² jnp.dot measured in the same run:
+the practical peak of this machine.
 On a GPU/TPU it also prints MFU against the named bf16 peak of the device.
 """
 import statistics
@@ -69,7 +70,7 @@ def main(argv):
   cfg, step, state, batch, mesh = build(config)
   b, l = batch['tokens'].shape
   counts = flops_lib.param_counts(cfg)
-  flops_per_token = flops_lib.train_flops_per_token(cfg, l, '6N+attn')
+  flops_per_token = flops_lib.train_flops_per_token(cfg, l, 'palm')
   with jax.set_mesh(mesh):
     compile_s = bench.compile_seconds(step.jitted, state, batch, jax.random.key(0))
   rng = jax.random.key(1)
@@ -89,7 +90,7 @@ def main(argv):
         f'device {jax.devices()[0].device_kind}')
   print(f'parameters: {counts["total"] / 1e6:.2f}M total, '
         f'{counts["non_embedding"] / 1e6:.2f}M non-embedding')
-  print(f'FLOP per token (6N+attn): {flops_per_token / 1e6:.1f}M')
+  print(f'FLOP per token (palm convention: every matmul): {flops_per_token / 1e6:.1f}M')
   print(f'compile: {compile_s:.1f} s')
   print(f'step: {step_s * 1e3:.0f} ms (median of {_STEPS.value}), {tps:,.0f} tokens/s')
   print(f'achieved: {achieved / 1e9:.1f} GFLOP/s; float32 2048² jnp.dot: {peak / 1e9:.1f} GFLOP/s')

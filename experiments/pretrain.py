@@ -200,10 +200,10 @@ def train(config, workdir) -> dict:
                                        dc['batch_size'], dc['seq_len'])
 
   counts = flops_lib.param_counts(model_cfg)
-  flops_per_token = flops_lib.train_flops_per_token(model_cfg, dc['seq_len'], '6N+attn')
+  flops_per_token = flops_lib.train_flops_per_token(model_cfg, dc['seq_len'], 'palm')
   peak = common.device_peak_flops()
   common.log(f'model: {counts["total"] / 1e6:.2f}M params ({counts["non_embedding"] / 1e6:.2f}M '
-             f'non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token (6N+attn), '
+             f'non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token (palm: every matmul), '
              f'objective {config["objective"]["name"]}, mesh {dict(mesh.shape)}, '
              f'{setup.train_rows.num_tokens / 1e6:.2f}M train tokens')
 
