@@ -504,6 +504,9 @@ def _sign(d) -> int:
   return 1 if d['lo'] > 0 else -1 if d['hi'] < 0 else 0
 
 
+NOT_ENOUGH = 'Not judged: needs the arms compared here with at least 2 finished seeds each.'
+
+
 def findings(results: dict, config) -> list[str]:
   """Figure by figure: does this run agree with the published findings?"""
   out = []
@@ -512,20 +515,19 @@ def findings(results: dict, config) -> list[str]:
   # Figure 1: generation, before and after the causal adaptation.
   text = ['**Figure 1 (loss_vs_flops.png) and the loss rows: causal-LM best for generation '
           'without adaptation; MLM→CLM adaptation closes most of the gap (Wang et al. 2022).**']
-  if 'causal' in results and others:
-    diffs = {a: _paired(results, a, 'causal', 'causal_loss') for a in others}
-    diffs = {a: d for a, d in diffs.items() if d is not None}
-    if diffs:
-      worse = [a for a, d in diffs.items() if _sign(d) > 0]
-      better = [a for a, d in diffs.items() if _sign(d) < 0]
-      verdict = ('agrees' if len(worse) == len(diffs) else
-                 'disagrees' if better else 'partly agrees')
-      text.append(f'Held-out causal loss minus the causal arm\'s (paired over seeds, 95 % '
-                  f'interval): ' + '; '.join(f'{a} {_diff_text(d)}' for a, d in diffs.items())
-                  + f'. The causal arm is best without adaptation: {verdict}'
-                  + (f' (not clearly worse: {", ".join(a for a in diffs if a not in worse)})'
-                     if verdict == 'partly agrees' else '')
-                  + (f' ({", ".join(better)} lower)' if better else '') + '.')
+  diffs = {a: _paired(results, a, 'causal', 'causal_loss') for a in others}
+  diffs = {a: d for a, d in diffs.items() if d is not None}
+  if 'causal' in results and diffs:
+    worse = [a for a, d in diffs.items() if _sign(d) > 0]
+    better = [a for a, d in diffs.items() if _sign(d) < 0]
+    verdict = ('agrees' if len(worse) == len(diffs) else
+               'disagrees' if better else 'partly agrees')
+    text.append(f'Held-out causal loss minus the causal arm\'s (paired over seeds, 95 % '
+                f'interval): ' + '; '.join(f'{a} {_diff_text(d)}' for a, d in diffs.items())
+                + f'. The causal arm is best without adaptation: {verdict}'
+                + (f' (not clearly worse: {", ".join(a for a in diffs if a not in worse)})'
+                   if verdict == 'partly agrees' else '')
+                + (f' ({", ".join(better)} lower)' if better else '') + '.')
     closed = []
     for a in others:
       before = _paired(results, a, 'causal', 'causal_loss')
@@ -542,7 +544,7 @@ def findings(results: dict, config) -> list[str]:
                               for a, f, d in closed)
                   + f'. Most of the MLM→CLM gap closed: {verdict}.')
   else:
-    text.append('Not enough arms or seeds to judge.')
+    text.append(NOT_ENOUGH)
   out.append(' '.join(text))
 
   # Figure 2: downstream classification.
@@ -570,12 +572,13 @@ def findings(results: dict, config) -> list[str]:
       text.append(f'Reference: random initialisation fine-tuned with the same budget '
                   f'{np.mean(rand):.3f}, majority class {np.mean(major):.3f}.')
   if not judged:
-    text.append('Not enough arms or seeds to judge.')
+    text.append(NOT_ENOUGH)
   out.append(' '.join(text))
 
   # Wettig et al.: 40 % vs 15 % masking.
   text = ['**Figure 2 and the cloze/PLL rows: 40 % masking vs 15 % (Wettig et al. 2023: '
           '40 % does at least as well downstream as 15 %).**']
+  judged = False
   if 'masked15' in results and 'masked40' in results:
     for metric, label in (('era_finetune_accuracy', 'fine-tuning accuracy'),
                           ('era_probe_accuracy', 'probe accuracy'),
@@ -583,6 +586,7 @@ def findings(results: dict, config) -> list[str]:
                           ('pll_word_l2r', 'PLL')):
       d = _paired(results, 'masked40', 'masked15', metric)
       if d is not None:
+        judged = True
         verdict = {1: '40 % better', -1: '15 % better', 0: 'no clear difference'}[_sign(d)]
         text.append(f'{label}: 40 % minus 15 % {_diff_text(d)} ({verdict}).')
     d = _paired(results, 'masked40', 'masked15', 'era_finetune_accuracy')
@@ -590,8 +594,8 @@ def findings(results: dict, config) -> list[str]:
       text.append('On the downstream task this run '
                   + {1: 'agrees', 0: 'is consistent with "at least as well" but cannot '
                      'separate them', -1: 'disagrees'}[_sign(d)] + '.')
-  else:
-    text.append('Needs both masked arms.')
+  if not judged:
+    text.append(NOT_ENOUGH)
   out.append(' '.join(text))
   return out
 
