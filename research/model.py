@@ -8,21 +8,24 @@ leading run of True is prefix-LM. So one model serves causal-LM, masked-LM,
 prefix-LM and span corruption, and the objective alone decides.
 
 The model returns final hidden states (after the last norm), plus an optional
-scalar per position (the reward model / value head). Logits are
+scalar per position (the reward model / value head). For decoding it also takes and
+returns a `KVCache` (keys and values of every layer): new tokens are written into it
+and attend to every cached token (research/sampling.py drives it). Logits are
 `hidden @ head_weights(params).T`; the training loss fuses that product with the
 cross-entropy (`kernels.lm_head_loss`) so the B·L·V logits never need to exist.
 
 Dimension letters:
   B batch, L sequence length, D model width, N query heads, K key/value heads,
-  H head dim, F MLP hidden width, V vocabulary, S key length.
+  H head dim, F MLP hidden width, V vocabulary, S key length (cache slots).
 
 Activations are kept 2-D, (B·L, D), around the dense layers: XLA:CPU runs those
 dots 2.5x faster than on (B, L, D) (STACK_NOTES). The residual stream, norms and
 softmax stay float32; only dot operands are cast to `compute_dtype`.
 """
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -92,6 +95,9 @@ class TransformerConfig:
     return 4 * self.d_model
 
 
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row is no NaN
+
+
 def _param(module, name, shape, axes, std, dtype):
   init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
   return module.param(name, init, shape, jnp.dtype(dtype))
@@ -137,7 +143,13 @@ class Attention(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_MxD, positions_BxL, segment_ids_BxL, prefix_BxL):
+  def __call__(self, x_MxD, positions_BxL, segment_ids_BxL, prefix_BxL, layer_cache=None,
+               decode=None):
+    """-> (output M×D, updated layer_cache | None).
+
+    Decoding passes this layer's cache {'key', 'value'} (B×K×S×H) and
+    decode = (index, mask B×L×S): the chunk goes to slots [index, index + L).
+    """
     cfg = self.cfg
     b, l = positions_BxL.shape
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
@@ -155,9 +167,45 @@ class Attention(nn.Module):
       q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
       k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)
     q_BxLxNxH = _constrain(q_BxLxNxH, ('batch', 'length', 'act_heads', None))
-    out_BxLxNxH = kernels.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, prefix_BxL,
-                                    compute_dtype=cfg.compute_dtype, impl=cfg.attention_impl)
-    return dense(out_BxLxNxH.reshape(b * l, n * h), w_o)
+    if layer_cache is None:
+      out_BxLxNxH = kernels.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL,
+                                      prefix_BxL, compute_dtype=cfg.compute_dtype,
+                                      impl=cfg.attention_impl)
+      return dense(out_BxLxNxH.reshape(b * l, n * h), w_o), None
+    # Decoding: write the chunk into the cache first, then attend to the whole cache.
+    # In this order the cache is only read after the write, so XLA updates it in place
+    # (reading the old cache while writing the new one made it copy every step).
+    index, mask_BxLxS = decode
+    write = lambda cache_BxKxSxH, x_BxLxKxH: jax.lax.dynamic_update_slice_in_dim(
+        cache_BxKxSxH, x_BxLxKxH.transpose(0, 2, 1, 3).astype(cache_BxKxSxH.dtype), index, 2)
+    layer_cache = dict(key=write(layer_cache['key'], k_BxLxKxH),
+                       value=write(layer_cache['value'], v_BxLxKxH))
+    out_BxLxNxH = cached_attention(q_BxLxNxH, layer_cache['key'], layer_cache['value'],
+                                   mask_BxLxS, cfg.compute_dtype)
+    return dense(out_BxLxNxH.reshape(b * l, n * h), w_o), layer_cache
+
+
+def cached_attention(q_BxLxNxH, keys_BxKxSxH, values_BxKxSxH, mask_BxLxS, compute_dtype):
+  """A chunk of queries attends to a cache: `kernels.attention_reference`'s math.
+
+  Scores / sqrt(H), float32 softmax, matmul operands in compute_dtype. The cache is
+  heads-major (B×K×S×H) so both matmuls read it with batch dims leading, without a
+  transposed copy: a decode step reads each layer's cache once. The G query heads of a
+  kv head are folded into the matmul rows, so GQA reads each kv head once.
+  """
+  b, l, n, h = q_BxLxNxH.shape
+  k = keys_BxKxSxH.shape[1]
+  g = n // k
+  dtype = jnp.dtype(compute_dtype)
+  q_BxKxGLxH = q_BxLxNxH.reshape(b, l, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * l, h)
+  scores_BxKxGLxS = jnp.einsum('bkqh,bksh->bkqs', q_BxKxGLxH.astype(dtype),
+                               keys_BxKxSxH.astype(dtype), preferred_element_type=jnp.float32)
+  mask_Bx1xGLxS = jnp.tile(mask_BxLxS[:, None], (1, 1, g, 1))
+  scores_BxKxGLxS = jnp.where(mask_Bx1xGLxS, scores_BxKxGLxS / h ** 0.5, _MASKED)
+  probs_BxKxGLxS = jax.nn.softmax(scores_BxKxGLxS, axis=-1)
+  out_BxKxGLxH = jnp.einsum('bkqs,bksh->bkqh', probs_BxKxGLxS.astype(dtype),
+                            values_BxKxSxH.astype(dtype), preferred_element_type=jnp.float32)
+  return out_BxKxGLxH.reshape(b, k, g, l, h).transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
 
 
 class Mlp(nn.Module):
@@ -182,17 +230,19 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block. Signature (carry, broadcast) -> (carry, None) for nn.scan."""
+  """Pre-norm residual block, nn.scan's signature:
+  (carry, broadcast[, scanned layer cache]) -> (carry, updated layer cache | None)."""
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_MxD, aux):
-    positions_BxL, segment_ids_BxL, prefix_BxL = aux
-    x_MxD = x_MxD + Attention(self.cfg, name='attention')(
+  def __call__(self, x_MxD, aux, layer_cache=None):
+    positions_BxL, segment_ids_BxL, prefix_BxL, decode = aux
+    attention_MxD, layer_cache = Attention(self.cfg, name='attention')(
         Norm(self.cfg.norm, name='attention_norm')(x_MxD), positions_BxL, segment_ids_BxL,
-        prefix_BxL)
+        prefix_BxL, layer_cache, decode)
+    x_MxD = x_MxD + attention_MxD
     x_MxD = x_MxD + Mlp(self.cfg, name='mlp')(Norm(self.cfg.norm, name='mlp_norm')(x_MxD))
-    return _constrain(x_MxD, ('batch', 'act_embed')), None
+    return _constrain(x_MxD, ('batch', 'act_embed')), layer_cache
 
 
 def _block_class(cfg: TransformerConfig):
@@ -203,12 +253,53 @@ def _block_class(cfg: TransformerConfig):
   return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
 
 
+@flax.struct.dataclass
+class KVCache:
+  """What decoding keeps of the tokens seen so far: S slots, filled from slot 0.
+
+  layers: per layer {'key': B×K×S×H, 'value': B×K×S×H} (after rope, in compute_dtype,
+    which is all attention reads of them; heads-major, see `cached_attention`):
+    stacked on a leading layer axis when layers are scanned, a tuple of per-layer dicts
+    when unrolled. Decoding is faster unrolled: a scanned stack slices (copies) every
+    layer's weights and cache at every step (`sampling.py` unrolls).
+  positions_BxS, segment_ids_BxS, prefix_BxS: each slot's token's position, segment id
+    and prefix flag, so that a new token attends to the cache by the same rule as in
+    training (`kernels.attention_mask`). Empty slots have segment 0 (padding), which no
+    real token attends.
+  index: int32 scalar, the first slot the next call writes.
+  """
+  layers: Any
+  positions_BxS: jax.Array
+  segment_ids_BxS: jax.Array
+  prefix_BxS: jax.Array
+  index: jax.Array
+
+
+def init_cache(cfg: TransformerConfig, batch_size: int, num_slots: int) -> KVCache:
+  """An empty cache of `num_slots` slots."""
+  shape = (batch_size, cfg.kv_heads, num_slots, cfg.dim_per_head)
+  zeros = lambda *lead: jnp.zeros(lead + shape, jnp.dtype(cfg.compute_dtype))
+  if cfg.scan_layers:
+    layers = dict(key=zeros(cfg.num_layers), value=zeros(cfg.num_layers))
+  else:
+    layers = tuple(dict(key=zeros(), value=zeros()) for _ in range(cfg.num_layers))
+  slots_BxS = jnp.zeros((batch_size, num_slots), jnp.int32)
+  return KVCache(layers=layers, positions_BxS=slots_BxS, segment_ids_BxS=slots_BxS,
+                 prefix_BxS=slots_BxS.astype(bool), index=jnp.zeros((), jnp.int32))
+
+
 class Transformer(nn.Module):
-  """tokens, positions, segment ids, prefix flags (all B×L) -> (hidden B×L×D, scalar B×L | None)."""
+  """tokens, positions, segment ids, prefix flags (all B×L) -> (hidden B×L×D, scalar B×L | None).
+
+  With `cache` (decoding) the L tokens are written at slots [cache.index, +L) and attend
+  to every cached token (themselves included) by the training mask rule; the result is
+  (hidden, scalar, updated cache).
+  """
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, prefix_BxL):
+  def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, prefix_BxL,
+               cache: Optional[KVCache] = None):
     cfg = self.cfg
     b, l = tokens_BxL.shape
     embed_VxD = _param(self, 'embed', (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
@@ -220,16 +311,32 @@ class Transformer(nn.Module):
       x_BxLxD = x_BxLxD + jnp.take(pos_PxD, positions_BxL, axis=0)
     x_MxD = _constrain(x_BxLxD.reshape(b * l, cfg.d_model), ('batch', 'act_embed'))
 
-    aux = (positions_BxL, segment_ids_BxL, prefix_BxL)
+    decode = None
+    if cache is not None:  # the chunk's slot metadata, then one mask for all layers
+      write = lambda all_BxS, chunk_BxL: jax.lax.dynamic_update_slice_in_dim(
+          all_BxS, chunk_BxL.astype(all_BxS.dtype), cache.index, axis=1)
+      cache = cache.replace(positions_BxS=write(cache.positions_BxS, positions_BxL),
+                            segment_ids_BxS=write(cache.segment_ids_BxS, segment_ids_BxL),
+                            prefix_BxS=write(cache.prefix_BxS, prefix_BxL))
+      decode = (cache.index, kernels.attention_mask(
+          segment_ids_BxL, prefix_BxL, q_positions=positions_BxL,
+          kv_positions=cache.positions_BxS, kv_segment_ids=cache.segment_ids_BxS,
+          kv_prefix=cache.prefix_BxS))
+    aux = (positions_BxL, segment_ids_BxL, prefix_BxL, decode)  # broadcast to every layer
     block = _block_class(cfg)
     if cfg.scan_layers:
       layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                       in_axes=nn.broadcast, length=cfg.num_layers,
-                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_MxD, _ = layers(cfg, name='layers')(x_MxD, aux)
+                       in_axes=nn.broadcast if cache is None else (nn.broadcast, 0),
+                       length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+      cache_args = () if cache is None else (cache.layers,)
+      x_MxD, layer_caches = layers(cfg, name='layers')(x_MxD, aux, *cache_args)
     else:
+      layer_caches = []
       for i in range(cfg.num_layers):
-        x_MxD, _ = block(cfg, name=f'layer_{i}')(x_MxD, aux)
+        cache_args = () if cache is None else (cache.layers[i],)
+        x_MxD, layer_cache = block(cfg, name=f'layer_{i}')(x_MxD, aux, *cache_args)
+        layer_caches.append(layer_cache)
+      layer_caches = tuple(layer_caches)
 
     hidden_MxD = Norm(cfg.norm, name='final_norm')(x_MxD)
     if not cfg.tie_embeddings:
@@ -240,7 +347,10 @@ class Transformer(nn.Module):
       w_Dx1 = _param(self, 'scalar_head', (cfg.d_model, 1), ('embed', None), cfg.init_std,
                      jnp.float32)
       scalar_BxL = (hidden_MxD @ w_Dx1).reshape(b, l)
-    return hidden_MxD.reshape(b, l, cfg.d_model), scalar_BxL
+    hidden_BxLxD = hidden_MxD.reshape(b, l, cfg.d_model)
+    if cache is None:
+      return hidden_BxLxD, scalar_BxL
+    return hidden_BxLxD, scalar_BxL, cache.replace(layers=layer_caches, index=cache.index + l)
 
 
 def head_weights(params) -> jax.Array:
