@@ -159,11 +159,15 @@ def plot(out_dir, t, a2, law, fit, laws, k, label) -> list:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   n, d, loss = t['N'], t['D'], t['loss']
   written = []
   cmap = plt.get_cmap('viridis')
 
   def save(fig, name):
+    for ax in fig.axes:  # log axes spanning < 1 decade label every minor tick, overlapping
+      ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+      ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
     fig.savefig(out_dir / name, dpi=120)
     plt.close(fig)
@@ -223,7 +227,7 @@ def plot(out_dir, t, a2, law, fit, laws, k, label) -> list:
   levels = np.linspace(np.percentile(surf, 1), np.percentile(surf, 99), 15)
   cs_ = ax.contourf(gn, gd, surf, levels=levels, cmap='viridis_r', extend='both')
   fig.colorbar(cs_, ax=ax, label='fitted L(N, D)')
-  ax.scatter(n, d, c=loss, cmap='viridis_r', norm=cs_.norm, edgecolors='w', s=40, zorder=3)
+  ax.scatter(n, d, c=loss, cmap='viridis_r', norm=cs_.norm, edgecolors='k', s=40, zorder=3)
   if 'C' in t:
     for c in np.unique(sf.group_budgets(t['C'])):
       ns = np.exp(np.linspace(ln_lo, ln_hi, 10))
