@@ -563,9 +563,11 @@ def findings(results: dict, config) -> list[str]:
       best = max(diffs, key=lambda a: diffs[a]['mean'])
       verdict = {1: 'agrees', -1: 'disagrees', 0: 'inconclusive (interval includes 0)'}[
           _sign(diffs[best])]
+      worse = [a for a, d in diffs.items() if a != best and _sign(d) < 0]
       text.append(f'{label.capitalize()} accuracy, masked minus causal: '
                   + '; '.join(f'{a} {_diff_text(d)}' for a, d in diffs.items())
-                  + f' — {verdict}.')
+                  + f' — best masked arm ({best}): {verdict}'
+                  + (f'; {", ".join(worse)} clearly below causal' if worse else '') + '.')
     rand = _values(results, RANDOM, 'era_finetune_accuracy')
     major = _values(results, RANDOM, 'era_majority_accuracy')
     if rand:
@@ -717,11 +719,12 @@ def write_report(config, workdir: pathlib.Path, results: dict, ev: EvalData) -> 
     for a in columns:
       rs = [m for b, m in piqa if b == a]
       if rs:
-        k, n = sum(m['piqa_correct'] for m in rs), sum(m['piqa_examples'] for m in rs)
-        lo, hi = evaluation.wilson_interval(k, n)
+        # Seeds score the same items, so the item-sampling interval uses one seed's n.
+        k, n = np.mean([m['piqa_correct'] for m in rs]), rs[0]['piqa_examples']
+        lo, hi = evaluation.wilson_interval(int(round(k)), n)
         pooled.append(f'{a} {k / n:.3f} [{lo:.3f}, {hi:.3f}]')
-    lines.append('PIQA accuracy pooled over seeds with its Wilson 95 % interval (chance '
-                 '0.5): ' + '; '.join(pooled) + '.')
+    lines.append(f'PIQA accuracy (seed mean) with its Wilson 95 % interval over the {n} '
+                 'items (chance 0.5): ' + '; '.join(pooled) + '.')
   lines += ['', '![validation loss vs FLOPs](loss_vs_flops.png)', '',
             '![downstream accuracy](downstream.png)', '',
             '## Agreement with the published findings', '']

@@ -134,7 +134,7 @@ def test_findings_and_table_from_paired_seeds():
   text = '\n'.join(study.findings(results, config))
   assert 'The causal arm is best without adaptation: agrees' in text
   assert 'Most of the MLM→CLM gap closed: agrees' in text  # 2.5 of 3.0 nats closed
-  assert 'Fine-tuning accuracy, masked minus causal' in text and '— agrees' in text
+  assert 'Fine-tuning accuracy, masked minus causal' in text and ': agrees.' in text
   assert 'no clear difference' in text  # 40 % vs 15 % fine-tuning: mean 0, spread > 0
   table = study.results_table(results, ['causal', 'masked15', 'masked40', study.RANDOM])
   assert '| 4.010 ± 0.010 [3.985, 4.035] |' in table  # causal loss: mean ± std [t-interval]
