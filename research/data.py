@@ -25,7 +25,8 @@ The stages, in order:
    batch with segment-0 rows, so every validation token is scored exactly once.
 
 Batches are dicts of int32 numpy arrays `tokens`, `segment_ids`, `positions`,
-each [B, L] with B the per-host batch.
+each [B, L] with B the per-host batch, plus `loss_mask` (int32 0/1, 0 on padding)
+when the PackedCorpus has one (chat data packed by `research.chat`).
 """
 
 from __future__ import annotations
@@ -274,11 +275,18 @@ class PackedCorpus:
   segment_ids: np.ndarray
   positions: np.ndarray
   num_documents: int
+  # Optional bool [num_rows, seq_len]: True on the tokens to train on (supervised
+  # fine-tuning, research/chat.py); batches then carry it as int32 `loss_mask`.
+  loss_mask: np.ndarray | None = None
 
   def __post_init__(self):
     arrays = (self.tokens, self.segment_ids, self.positions)
     if any(a.dtype != np.int32 for a in arrays):
       raise ValueError(f"PackedCorpus arrays must be int32, got {[a.dtype for a in arrays]}")
+    if self.loss_mask is not None:
+      if self.loss_mask.dtype != np.bool_:
+        raise ValueError(f"PackedCorpus loss_mask must be bool, got {self.loss_mask.dtype}")
+      arrays += (self.loss_mask,)
     if any(a.ndim != 2 or a.shape != self.tokens.shape for a in arrays):
       raise ValueError(f"PackedCorpus arrays differ in shape: {[a.shape for a in arrays]}")
 
@@ -296,11 +304,15 @@ class PackedCorpus:
     return int(np.count_nonzero(self.segment_ids))
 
   def rows(self, index: np.ndarray | slice) -> dict[str, np.ndarray]:
-    return {
+    rows = {
         "tokens": self.tokens[index],
         "segment_ids": self.segment_ids[index],
         "positions": self.positions[index],
     }
+    if self.loss_mask is not None:
+      # int32 like the other keys: every batch array shares one dtype.
+      rows["loss_mask"] = self.loss_mask[index].astype(np.int32)
+    return rows
 
 
 def pack_token_lists(

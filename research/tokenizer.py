@@ -25,7 +25,10 @@ then the learned BPE pieces.
 Ids 4-112 are SentencePiece `user_defined_symbols`: the encoder matches their
 literal text anywhere, so a user-written "<|user|>" inside plain text encodes to
 id 106. That is what makes chat transcripts round-trip, and it means untrusted
-text must be escaped by the chat template if it may contain these strings.
+text must be escaped by the chat template if it may contain these strings:
+`encode_text` does that, spelling every literal occurrence of a user-defined
+piece in its byte-fallback pieces (id 113 + byte), so it never emits an id below
+113 and `decode(encode_text(text)) == text`.
 Ids 0-3 are control symbols: `encode` never emits them and `decode` drops them
 (decodes them to ""), so `decode(encode(text)) == text` for every text and a
 packed row decodes without "</s>" noise.
@@ -42,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -74,6 +78,8 @@ CHAT_IDS: dict[str, int] = {name: SPECIAL_TOKENS[p] for name, p in _CHAT}
 NUM_SPECIAL = len(SPECIAL_TOKENS)
 _NUM_BYTES = 256
 _SPACE_MARK = "\u2581"
+# The user-defined pieces (ids 4-112) as text; none is a prefix of another.
+_USER_DEFINED_RE = re.compile("|".join(re.escape(p) for p in _USER_DEFINED))
 
 
 class Tokenizer:
@@ -97,6 +103,25 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, no bos/eos added."""
     return self.encode_batch([text], num_threads=1)[0]
+
+  def encode_text(self, text: str) -> list[int]:
+    """Token ids of `text` read as plain text: never a special id (all ids >= 113).
+
+    Like `encode`, except that literal special-token text ("<|user|>", "<mask>",
+    "<extra_id_0>", ...) is spelled in byte-fallback pieces instead of becoming
+    its reserved id, so user content cannot forge chat structure. Text between
+    such strings is encoded by `encode`. `decode` gives `text` back exactly.
+    """
+    ids: list[int] = []
+    start = 0
+    for m in _USER_DEFINED_RE.finditer(text):
+      if m.start() > start:
+        ids += self.encode(text[start:m.start()])
+      ids += [NUM_SPECIAL + b for b in m.group().encode("utf-8")]
+      start = m.end()
+    if start < len(text):
+      ids += self.encode(text[start:])
+    return ids
 
   def encode_batch(
       self, texts: Sequence[str], num_threads: int = -1
