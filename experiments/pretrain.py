@@ -158,6 +158,21 @@ def train(config, workdir) -> dict:
                                     keys=('model', 'tokenizer', 'objective'))
   mesh = common.make_mesh(config['mesh']['shape'])
   setup = prepare(config, workdir)
+  summary, _ = run_training(setup, workdir, make_objective(config['objective']), mesh,
+                            fresh_config=saved is None)
+  return summary
+
+
+def run_training(setup: Setup, workdir, objective, mesh, *, fresh_config: bool,
+                 init_params=None, sample_prompts=SAMPLE_PROMPTS) -> tuple[dict, object]:
+  """The training loop every stage shares: sharded jitted steps, evals, checkpoints, resume.
+
+  `objective(batch, rng, ids)` turns a batch of `setup.train_rows` into inputs, targets
+  and weights. A fresh run starts from `init_params` (a previous stage's) when given,
+  else from a random init; a workdir with a checkpoint resumes from it. Returns
+  (summary, final params).
+  """
+  config = setup.config
   tokenizer, model_cfg = setup.tokenizer, setup.model_cfg
   tc, dc = config['train'], config['data']
   model = model_lib.Transformer(model_cfg)
@@ -167,7 +182,6 @@ def train(config, workdir) -> dict:
     raise common.UserError(f'train.grad_accum_steps={tc["grad_accum_steps"]} must divide '
                            f'data.batch_size={dc["batch_size"]}')
   ids = objectives_lib.SpecialIds.from_tokenizer(tokenizer)
-  objective = make_objective(config['objective'])
   step_fn = train_lib.jit_train_step(
       train_lib.make_train_step(model, tx, schedule, objective, ids, z_loss=tc['z_loss'],
                                 grad_accum_steps=tc['grad_accum_steps']), shardings, mesh)
@@ -176,7 +190,7 @@ def train(config, workdir) -> dict:
   # Nothing is written before every check above has passed.
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    if saved is None:
+    if fresh_config:
       checkpoint_lib.write_json_atomic(workdir / checkpoint_lib.CONFIG_FILE, config)
     if not (workdir / checkpoint_lib.TOKENIZER_FILE).exists():
       tokenizer.save(workdir / checkpoint_lib.TOKENIZER_FILE)
@@ -195,6 +209,8 @@ def train(config, workdir) -> dict:
     state, meta = ckpt.restore(latest, checkpoint_lib.abstract_like(shardings, shapes), data_iter)
     checkpoint_lib.check_tokenizer(meta, tokenizer, workdir)
     common.log(f'resumed from step {latest}')
+  elif init_params is not None:
+    state = train_lib.train_state_from_params(init_params, tx, shardings, mesh)
   else:
     state = train_lib.make_train_state(model, tx, mesh, jax.random.fold_in(rng, 1 << 20),
                                        dc['batch_size'], dc['seq_len'])
@@ -264,21 +280,22 @@ def train(config, workdir) -> dict:
   # study with a large held-out split runs many models.
   eval_metrics = run_eval(step, max_batches=tc.get('final_eval_batches', 0))
   samples = []
-  if tc['num_samples'] and config['objective']['name'] != 'masked':
-    samples = sampling.greedy_texts(state.params, model_cfg, tokenizer,
-                                    SAMPLE_PROMPTS[:tc['num_samples']], tc['sample_tokens'])
+  prompts = sample_prompts[:tc['num_samples']]
+  if prompts and config['objective']['name'] != 'masked':
+    samples = sampling.greedy_texts(state.params, model_cfg, tokenizer, prompts,
+                                    tc['sample_tokens'])
     writer.write(step, {f'sample_{i}': p + s for i, (p, s) in
-                        enumerate(zip(SAMPLE_PROMPTS, samples))}, prefix='samples/')
+                        enumerate(zip(prompts, samples))}, prefix='samples/')
   writer.close()
   summary = dict(step=step, final_train_loss=losses[-1][1] if losses else None,
                  validation=eval_metrics,
                  unigram_entropy=unigram_entropy(setup.train_rows, tokenizer.vocab_size),
                  params=counts, flops_per_token=flops_per_token,
-                 samples=[p + s for p, s in zip(SAMPLE_PROMPTS, samples)],
+                 samples=[p + s for p, s in zip(prompts, samples)],
                  interrupted=step < tc['steps'])
   if jax.process_index() == 0:
     checkpoint_lib.write_json_atomic(workdir / 'summary.json', summary)
-  return summary
+  return summary, state.params
 
 
 def main(config, workdir):

@@ -216,10 +216,19 @@ def hybrid(batch, rng, ids: SpecialIds, causal_fraction=0.5, mask_rate=0.15):
               weights=jnp.where(c, next_ok, next_ok & selected_next).astype(jnp.float32))
 
 
+def supervised(batch, rng, ids: SpecialIds):
+  """Fine-tuning on chosen tokens (SFT): next-token prediction scored only where the
+  target token is marked in `batch['loss_mask']` (assistant turns, research/chat.py)."""
+  example = causal(batch, rng, ids)
+  mask = batch['loss_mask'] > 0
+  next_mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+  return dict(example, weights=example['weights'] * next_mask.astype(jnp.float32))
+
+
 def get_objective(name: str, **kwargs) -> Callable:
   """Objective by config name -> fn(batch, rng, ids)."""
   fns = {'causal': causal, 'masked': masked, 'prefix': prefix_lm, 'span': span_corruption,
-         'hybrid': hybrid}
+         'hybrid': hybrid, 'supervised': supervised}
   if name not in fns:
     raise ValueError(f'objective {name!r}: expected one of {sorted(fns)}')
   fn = fns[name]

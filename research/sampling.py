@@ -327,3 +327,38 @@ def greedy_texts(params, cfg, tokenizer, prompts, max_new_tokens: int) -> list[s
       new = new[:new.index(tokenizer.eos_id)]
     texts.append(tokenizer.decode(new))
   return texts
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'top_k', 'top_p'))
+def _generate_jit(params, prompt_BxP, lengths_B, rng, eos_id, temperature, *, cfg,
+                  max_new_tokens, top_k, top_p):
+  return generate(params, prompt_BxP, lengths_B, rng, cfg=cfg, max_new_tokens=max_new_tokens,
+                  eos_id=eos_id, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def complete(params, cfg, prompt_ids, *, max_new_tokens: int, eos_id: int,
+             batch_size: int = 32, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+  """KV-cached completions of many token prompts, in batches; each output ends at (and
+  includes) eos_id when reached. Prompts longer than the context keep their last tokens.
+
+  Batches are padded to `batch_size` rows and prompts to a multiple of 32 columns, so a
+  whole evaluation compiles a handful of times, not once per batch.
+  """
+  limit = cfg.max_len - max_new_tokens if cfg.position == 'learned' else None
+  prompts = [list(p)[-limit:] if limit else list(p) for p in prompt_ids]
+  outputs = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = prompts[start:start + batch_size]
+    width = -(-max(len(p) for p in chunk) // 32) * 32
+    prompt = np.zeros((batch_size, width), np.int32)
+    lengths = np.ones((batch_size,), np.int32)
+    for i, p in enumerate(chunk):
+      prompt[i, :len(p)] = p
+      lengths[i] = len(p)
+    out = _generate_jit(params, prompt, lengths, jax.random.key(seed + start), eos_id,
+                        temperature, cfg=cfg, max_new_tokens=max_new_tokens, top_k=top_k,
+                        top_p=top_p)
+    tokens, n = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
+    outputs.extend(list(map(int, tokens[i, :n[i]])) for i in range(len(chunk)))
+  return outputs

@@ -101,6 +101,15 @@ def make_train_state(model, tx, mesh, rng, batch_size: int, seq_len: int) -> Tra
     return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
 
 
+def train_state_from_params(params, tx, shardings, mesh) -> TrainState:
+  """A step-0 state around given params (a previous stage's), in the state's shardings."""
+  params = jax.device_put(params, shardings.params)
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  return TrainState(step=step, params=params, opt_state=opt_state)
+
+
 def loss_sums(params, model, example, z_loss: float):
   """Summed loss, z-loss, correct predictions and scored tokens of one prepared example."""
   cfg = model.cfg

@@ -1,0 +1,176 @@
+"""Chat with a fine-tuned model in the terminal, or answer one prompt for a script.
+
+  python -m experiments.chat --workdir=runs/sft                 # interactive
+  python -m experiments.chat --workdir=runs/sft --prompt="Hi!"  # one reply, then exit
+      [--system="..."] [--temperature=0.7] [--top_k=0] [--top_p=0.95] [--max_new_tokens=128]
+
+Interactive commands: /reset (forget the conversation), /quit (or Ctrl-D). Tokens are
+printed as they are decoded (KV-cache prefill of the conversation, then one cached
+decode step per token). The conversation is kept across turns; when it no longer fits
+the model's context, the oldest turns are dropped (whole turns, never half a turn).
+"""
+import dataclasses
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from research import chat
+from research import checkpoint as checkpoint_lib
+from research import model as model_lib
+from research import sampling
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A fine-tuned (SFT / PPO) run folder.')
+_PROMPT = flags.DEFINE_string('prompt', None, 'One user message: print the reply and exit.')
+_SYSTEM = flags.DEFINE_string('system', '', 'An optional system message.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Most tokens per reply.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.7, 'Sampling temperature; 0 is greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0: all).')
+_TOP_P = flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling mass (1: off).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+
+
+class UserError(Exception):
+  """Printed as one line."""
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'cache_len'))
+def _prefill(params, prompt_1xP, length_1, cfg, cache_len):
+  return sampling.prefill(params, prompt_1xP, length_1, cfg=cfg, cache_len=cache_len)
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'top_k', 'top_p'))
+def _next(params, logits_1xV, position, cache, rng, temperature, cfg, top_k, top_p):
+  """Samples a token from the previous logits and feeds it: -> (token, logits, cache)."""
+  token_1, _ = sampling.sample_logits(rng, logits_1xV, temperature, top_k, top_p)
+  logits_1xV, cache = sampling.decode_step(params, token_1, position[None], cache, cfg=cfg)
+  return token_1[0], logits_1xV, cache
+
+
+@dataclasses.dataclass
+class ChatSession:
+  """A conversation with one model; `reply` streams the assistant's answer."""
+  params: object
+  cfg: model_lib.TransformerConfig
+  tokenizer: object
+  system: str = ''
+  temperature: float = 0.7
+  top_k: int = 0
+  top_p: float = 0.95
+  max_new_tokens: int = 128
+  seed: int = 0
+  messages: list = dataclasses.field(default_factory=list)
+
+  def __post_init__(self):
+    self.params, self.cfg = sampling.unrolled(self.params, self.cfg)
+    self.turns = 0
+    self.reset()
+
+  def reset(self):
+    self.messages = [{'role': 'system', 'content': self.system}] if self.system else []
+
+  def _prompt_ids(self) -> list[int]:
+    """The conversation plus the assistant header, oldest turns dropped to leave room."""
+    budget = self.cfg.max_len - self.max_new_tokens
+    messages = list(self.messages)
+    while True:
+      ids = chat.render(self.tokenizer, messages, add_generation_prompt=True).ids
+      if len(ids) <= budget or len(messages) <= 1:
+        return list(ids)[-budget:]
+      start = 1 if messages[0]['role'] == 'system' else 0
+      messages.pop(start)  # the oldest turn after the system message
+
+  def reply(self, text: str, on_text=lambda s: None) -> str:
+    """Adds the user turn, samples the answer (calling on_text with each new piece of
+    text as it is decoded), adds it to the history and returns it."""
+    self.messages.append({'role': 'user', 'content': text})
+    ids = self._prompt_ids()
+    eot = self.tokenizer.chat_ids['end_of_turn']
+    # Prompts padded to a multiple of 64 columns: a few compiled shapes, not one per turn.
+    width = -(-len(ids) // 64) * 64
+    prompt = np.zeros((1, width), np.int32)
+    prompt[0, :len(ids)] = ids
+    logits, cache = _prefill(self.params, prompt, np.array([len(ids)], np.int32), self.cfg,
+                             width + self.max_new_tokens)
+    rng = jax.random.fold_in(jax.random.key(self.seed), self.turns)
+    self.turns += 1
+    out, shown = [], ''
+    for t in range(self.max_new_tokens):
+      token, logits, cache = _next(self.params, logits, jnp.int32(len(ids) + t), cache,
+                                   jax.random.fold_in(rng, t), self.temperature, self.cfg,
+                                   self.top_k, self.top_p)
+      token = int(token)
+      if token == eot:
+        break
+      out.append(token)
+      text_so_far = self.tokenizer.decode(out)
+      if not text_so_far.endswith('\ufffd'):  # wait for a whole UTF-8 character
+        on_text(text_so_far[len(shown):])
+        shown = text_so_far
+    answer = self.tokenizer.decode(out)
+    if answer != shown:
+      on_text(answer[len(shown):])
+    self.messages.append({'role': 'assistant', 'content': answer})
+    return answer
+
+
+def load_session(workdir, **kwargs) -> ChatSession:
+  params, config, tokenizer = checkpoint_lib.load_stage(workdir)
+  cfg = model_lib.TransformerConfig.from_dict(config['model'])
+  if cfg.scalar_head:
+    raise UserError(f'{workdir} holds a reward/value model, not a policy')
+  return ChatSession(params, cfg, tokenizer, **kwargs)
+
+
+def interactive(session: ChatSession, read=input, write=sys.stdout.write):
+  write('chat: /reset clears the conversation, /quit (or Ctrl-D) exits\n')
+  while True:
+    try:
+      text = read('you> ')
+    except EOFError:
+      write('\n')
+      return
+    if text.strip() == '/quit':
+      return
+    if text.strip() == '/reset':
+      session.reset()
+      write('(conversation cleared)\n')
+      continue
+    if not text.strip():
+      continue
+    write('assistant> ')
+    session.reply(text, on_text=lambda s: (write(s), sys.stdout.flush()))
+    write('\n')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)
+  try:
+    if not _WORKDIR.value:
+      raise UserError('--workdir is required (a fine-tuned run folder, e.g. runs/sft)')
+    if _MAX_NEW.value < 1 or _TEMPERATURE.value < 0 or _TOP_K.value < 0 or not 0 < _TOP_P.value <= 1:
+      raise UserError('need --max_new_tokens >= 1, --temperature >= 0, --top_k >= 0, '
+                      '0 < --top_p <= 1')
+    session = load_session(_WORKDIR.value, system=_SYSTEM.value,
+                           temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                           top_p=_TOP_P.value, max_new_tokens=_MAX_NEW.value, seed=_SEED.value)
+    if session.cfg.max_len <= _MAX_NEW.value:
+      raise UserError(f'--max_new_tokens={_MAX_NEW.value} leaves no room in the model\'s '
+                      f'{session.cfg.max_len}-token context')
+  except (UserError, checkpoint_lib.CheckpointError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if _PROMPT.value is not None:
+    session.reply(_PROMPT.value, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    sys.stdout.write('\n')
+  else:
+    interactive(session)
+
+
+if __name__ == '__main__':
+  app.run(main)

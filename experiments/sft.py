@@ -1,0 +1,259 @@
+"""Supervised fine-tuning: a pretrained document completer -> a chat model.
+
+  python -m experiments.sft --config=configs/sft.py --init=runs/pretrain --workdir=runs/sft
+
+Starts from the init workdir's params, config and tokenizer (the Orbax handoff), trains
+on a weighted mix of conversations with the loss on assistant tokens only (the same
+jitted sharded train step, checkpoints and resume as pretraining), then evaluates:
+held-out assistant-token loss per source, exact match on held-out synthetic word
+problems by number of steps k, GSM8K test exact match, and a few chat replies. With
+`eval.format_twin` it also trains the answer-first twin (same data and budget, answers
+written before the working) in `WORKDIR/answer_first`, for the "tokens to think" table.
+Writes `eval.json` and `report.md` to the workdir; later stages (reward model, PPO, chat)
+start from it.
+"""
+import collections
+import json
+import pathlib
+import time
+
+import jax
+import numpy as np
+from absl import flags
+from experiments import common
+from experiments import pretrain
+from research import chat
+from research import checkpoint as checkpoint_lib
+from research import conversations as conv_lib
+from research import data as data_lib
+from research import evaluation
+from research import model as model_lib
+from research import objectives as objectives_lib
+from research import sampling
+
+INIT = flags.DEFINE_string('init', None, 'Finished pretraining workdir (overrides config.init).')
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
+
+
+def _split(items, fraction, seed):
+  """Deterministic split by a seeded hash of each item's JSON (no item in both halves)."""
+  keyed = sorted(range(len(items)), key=lambda i: hash_of(items[i], seed))
+  n_val = min(max(round(fraction * len(items)), 1), len(items) - 1) if len(items) > 1 else 0
+  held = set(keyed[:n_val])
+  return ([x for i, x in enumerate(items) if i not in held],
+          [x for i, x in enumerate(items) if i in held])
+
+
+def hash_of(item, seed) -> str:
+  import hashlib  # pylint: disable=g-import-not-at-top
+  return hashlib.sha256(f'{seed}\0{json.dumps(item, sort_keys=True)}'.encode()).hexdigest()
+
+
+def load_sources(config: dict) -> tuple[dict, dict, dict]:
+  """(train conversations by source, held-out ones by source, evaluation problems)."""
+  dc, seed = config['data'], config['seed']
+  weights = {k: v for k, v in dc['weights'].items() if v > 0}
+  train, held, problems = {}, {}, {}
+  wp = dc['word_problems']
+  if 'word_problems' in weights or config['eval']['word_problems_per_k']:
+    steps = (wp['min_steps'], wp['max_steps'])
+    per_k = config['eval']['word_problems_per_k']
+    train_p, test_p = conv_lib.word_problem_splits(
+        wp['num_train'], per_k * (steps[1] - steps[0] + 1), steps=steps, seed=seed)
+    problems['word_problems'] = test_p
+    if 'word_problems' in weights:
+      train['word_problems'] = [conv_lib.word_problem_conversation(p, wp['format'])
+                                for p in train_p]
+      held['word_problems'] = [conv_lib.word_problem_conversation(p, wp['format'])
+                               for p in test_p]
+  if 'chatterbot' in weights:
+    train['chatterbot'], held['chatterbot'] = _split(conv_lib.chatterbot(),
+                                                     dc['validation_fraction'], seed)
+  gsm_dir = pathlib.Path(dc['gsm8k_dir']) if dc['gsm8k_dir'] else SHARED_DATA / 'gsm8k'
+  if gsm_dir.is_dir():
+    if 'gsm8k' in weights:
+      gsm_train = conv_lib.gsm8k(gsm_dir, 'train')
+      train['gsm8k'], held['gsm8k'] = _split([e.conversation for e in gsm_train],
+                                             dc['validation_fraction'], seed)
+    if config['eval']['gsm8k']:
+      problems['gsm8k'] = conv_lib.gsm8k(gsm_dir, 'test')[:config['eval']['gsm8k']]
+  elif dc['gsm8k_dir']:
+    raise common.UserError(f'data.gsm8k_dir={dc["gsm8k_dir"]}: no such folder')
+  if 'jsonl' in weights:
+    if not dc['jsonl_path']:
+      raise common.UserError('data.weights.jsonl > 0 needs data.jsonl_path')
+    convs, problems_found = conv_lib.jsonl(dc['jsonl_path'], on_error=dc['on_error'])
+    for p in problems_found:
+      common.log(f'skipped: {p}')
+    train['jsonl'], held['jsonl'] = _split(convs, dc['validation_fraction'], seed)
+  missing = [k for k in weights if k not in train]
+  if missing:
+    common.log(f'sources with weight but no data here (skipped): {missing}')
+  if not train:
+    raise common.UserError('no conversation source has data: check data.weights')
+  return train, held, problems
+
+
+def pack(tokenizer, convs, seq_len):
+  """Conversations -> packed rows with the assistant loss mask, and packing stats."""
+  return chat.pack_conversations([chat.render(tokenizer, c) for c in convs], seq_len)
+
+
+def make_setup(config: dict, init_config: dict, tokenizer, train, held):
+  dc = config['data']
+  weights = {k: dc['weights'][k] for k in train}
+  mixed = conv_lib.mix(train, weights, dc['num_train'], seed=config['seed'])
+  train_rows, stats = pack(tokenizer, [c for _, c in mixed], dc['seq_len'])
+  val_rows, _ = pack(tokenizer, [c for convs in held.values() for c in convs], dc['seq_len'])
+  common.log(f'sft data: {dict(collections.Counter(s for s, _ in mixed))} conversations '
+             f'-> {train_rows.num_rows} rows of {dc["seq_len"]} ({stats})')
+  model_cfg = model_lib.TransformerConfig.from_dict(init_config['model'])
+  return pretrain.Setup(config=config, model_cfg=model_cfg, tokenizer=tokenizer,
+                        train_rows=train_rows, validation_rows=val_rows), stats
+
+
+def answer_accuracy(params, cfg, tokenizer, items, ec) -> list[bool]:
+  """Greedy replies to each (question conversation, gold answer) -> exact match list."""
+  prompts = [chat.render(tokenizer, conv, add_generation_prompt=True).ids for conv, _ in items]
+  outs = sampling.complete(params, cfg, prompts, max_new_tokens=ec['max_new_tokens'],
+                           eos_id=tokenizer.chat_ids['end_of_turn'],
+                           batch_size=ec['batch_size'])
+  return [conv_lib.final_number(tokenizer.decode(o)) == str(gold)
+          for o, (_, gold) in zip(outs, items)]
+
+
+def evaluate(params, cfg, tokenizer, config, held, problems) -> dict:
+  ec = config['eval']
+  ids = objectives_lib.SpecialIds.from_tokenizer(tokenizer)
+  model = model_lib.Transformer(cfg)
+  eval_fn = pretrain.make_eval_fn(model, objectives_lib.get_objective('supervised'), ids, 0.0)
+  out = {'heldout_assistant_loss': {}}
+  for source, convs in held.items():
+    rows, _ = pack(tokenizer, convs, config['data']['seq_len'])
+    m = pretrain.evaluate(eval_fn, params, rows, config['data']['batch_size'], 0, 0)
+    out['heldout_assistant_loss'][source] = m['objective_loss']
+  if 'word_problems' in problems:
+    test = problems['word_problems']
+    items = [([{'role': 'user', 'content': p.question}], p.answer) for p in test]
+    correct = answer_accuracy(params, cfg, tokenizer, items, ec)
+    by_k = collections.defaultdict(list)
+    for p, c in zip(test, correct):
+      by_k[p.k].append(c)
+    out['word_problems_by_k'] = {
+        int(k): dict(correct=int(sum(v)), total=len(v), accuracy=float(np.mean(v)),
+                     interval=evaluation.wilson_interval(int(sum(v)), len(v)))
+        for k, v in sorted(by_k.items())}
+  if 'gsm8k' in problems:
+    items = [(e.conversation[:1], e.answer) for e in problems['gsm8k']]
+    correct = answer_accuracy(params, cfg, tokenizer, items, ec)
+    out['gsm8k'] = dict(correct=int(sum(correct)), total=len(correct),
+                        accuracy=float(np.mean(correct)),
+                        interval=evaluation.wilson_interval(int(sum(correct)), len(correct)))
+  prompts = [chat.render(tokenizer, [{'role': 'user', 'content': q}],
+                         add_generation_prompt=True).ids for q in ec['chat_prompts']]
+  replies = sampling.complete(params, cfg, prompts, max_new_tokens=ec['max_new_tokens'],
+                              eos_id=tokenizer.chat_ids['end_of_turn'], batch_size=len(prompts))
+  out['chat'] = [dict(user=q, assistant=_reply_text(tokenizer, r))
+                 for q, r in zip(ec['chat_prompts'], replies)]
+  return out
+
+
+def _reply_text(tokenizer, ids) -> str:
+  eot = tokenizer.chat_ids['end_of_turn']
+  return tokenizer.decode([i for i in ids if i != eot])
+
+
+def finetune(config, workdir, init_workdir) -> dict:
+  """One SFT run (resumable) + its evaluation; returns the evaluation dict."""
+  config = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  workdir = pathlib.Path(workdir)
+  t0 = time.time()
+  init_params, init_config, tokenizer = checkpoint_lib.load_stage(init_workdir)
+  config['model'] = init_config['model']
+  config['tokenizer'] = dict(init_config['tokenizer'], path=str(init_workdir))
+  config['objective'] = {'name': 'supervised'}
+  config['init'] = str(init_workdir)
+  if config['data']['seq_len'] > config['model']['max_len']:
+    raise common.UserError(f'data.seq_len={config["data"]["seq_len"]} exceeds the init '
+                           f'model\'s max_len {config["model"]["max_len"]}')
+  saved = checkpoint_lib.load_config(workdir)
+  if saved is not None:
+    checkpoint_lib.check_same_model(saved, config, workdir, keys=('model', 'tokenizer', 'data'))
+  mesh = common.make_mesh(config['mesh']['shape'])
+  train, held, problems = load_sources(config)
+  setup, stats = make_setup(config, init_config, tokenizer, train, held)
+  summary, params = pretrain.run_training(
+      setup, workdir, objectives_lib.get_objective('supervised'), mesh,
+      fresh_config=saved is None, init_params=init_params, sample_prompts=())
+  result = dict(train=summary, packing=stats,
+                eval=evaluate(params, setup.model_cfg, tokenizer, config, held, problems),
+                format=config['data']['word_problems']['format'],
+                minutes=(time.time() - t0) / 60)
+  if jax.process_index() == 0:
+    checkpoint_lib.write_json_atomic(workdir / 'eval.json', result)
+  return result
+
+
+def report(main: dict, twin: dict | None, config: dict) -> str:
+  lines = ['# Supervised fine-tuning', '',
+           f'- init: `{config["init"]}`; {main["train"]["step"]} steps, batch '
+           f'{config["data"]["batch_size"]} × {config["data"]["seq_len"]} tokens; '
+           f'{main["minutes"]:.1f} min' + (f' (+ {twin["minutes"]:.1f} min for the twin)'
+                                           if twin else ''),
+           f'- packing: {main["packing"]}', '',
+           '## Held-out loss on assistant tokens (nats/token)', '',
+           '| source | ' + main['format'] + (' | ' + twin['format'] if twin else '') + ' |',
+           '|---|---|' + ('---|' if twin else '')]
+  for source, loss in main['eval']['heldout_assistant_loss'].items():
+    extra = f' {twin["eval"]["heldout_assistant_loss"].get(source, float("nan")):.3f} |' \
+        if twin else ''
+    lines.append(f'| {source} | {loss:.3f} |{extra}')
+  if 'word_problems_by_k' in main['eval']:
+    lines += ['', '## Synthetic word problems: exact match of the final number (greedy)', '',
+              'k = number of arithmetic steps; 95 % Wilson intervals.', '',
+              '| k | ' + main['format'] + (' | ' + twin['format'] if twin else '') + ' |',
+              '|---|---|' + ('---|' if twin else '')]
+    def cell(r):
+      lo, hi = r['interval']
+      return f'{r["accuracy"]:.2f} [{lo:.2f}, {hi:.2f}] ({r["correct"]}/{r["total"]})'
+    for k, r in main['eval']['word_problems_by_k'].items():
+      extra = f' {cell(twin["eval"]["word_problems_by_k"][k])} |' if twin else ''
+      lines.append(f'| {k} | {cell(r)} |{extra}')
+  if 'gsm8k' in main['eval']:
+    g = main['eval']['gsm8k']
+    lo, hi = g['interval']
+    lines += ['', f'GSM8K test, first {g["total"]} problems, greedy: exact match '
+              f'{g["accuracy"]:.3f} [{lo:.3f}, {hi:.3f}] ({g["correct"]}/{g["total"]}). A model '
+              'of a few million parameters is expected near zero here.']
+  lines += ['', '## Chat samples (greedy)', '']
+  for turn in main['eval']['chat']:
+    lines += [f'> user: {turn["user"]}', '>', f'> assistant: {turn["assistant"]}', '']
+  return '\n'.join(lines) + '\n'
+
+
+def main(config, workdir):
+  common.maybe_initialize_distributed()
+  init = INIT.value or config.init
+  if not init:
+    raise common.UserError('no init workdir: pass --init=runs/pretrain (a finished pretraining run)')
+  workdir = pathlib.Path(workdir)
+  try:
+    result = finetune(config, workdir, init)
+  except conv_lib.ConversationError as e:
+    raise common.UserError(str(e)) from None
+  twin = None
+  if config.eval.format_twin:
+    twin_config = config.copy_and_resolve_references()
+    fmt = config.data.word_problems.format
+    twin_config.data.word_problems.format = 'answer_first' if fmt == 'steps_first' else 'steps_first'
+    common.log(f'\n== the {twin_config.data.word_problems.format} twin')
+    twin = finetune(twin_config, workdir / twin_config.data.word_problems.format, init)
+    # The twin's workdir is inside the main one; nothing else reads it as a stage.
+  text = report(result, twin, dict(config.to_dict(), init=str(init)))
+  if jax.process_index() == 0:
+    (workdir / 'report.md').write_text(text)
+  common.log('\n' + text)
+
+
+if __name__ == '__main__':
+  common.run_experiment(main, 'configs/sft.py', 'runs/sft')
