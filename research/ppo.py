@@ -1,0 +1,580 @@
+"""PPO for language models (RLHF), one module of pure, jittable functions.
+
+One iteration (`make_ppo_iteration`) is the whole loop of Ziegler et al. 2019 /
+Ouyang et al. 2022, inside one jit:
+
+  rollout     sample N tokens per prompt from the policy π (`sampling.generate`);
+  score       s = reward_fn(prompt, response): a reward model or any jittable function;
+  old / ref   log π_old(a_j) and log π_ref(a_j) of every response token from the
+              training forward (π_ref: the frozen initial policy), values V(s_j);
+  rewards     r_j = −β·(log π_old(a_j) − log π_ref(a_j)) on every response token, plus
+              s (minus a no-eos penalty if the row never emitted eos) on its last one;
+  advantages  GAE: δ_j = r_j + γ·V_{j+1} − V_j (V after the last token = 0, terminal),
+              A_j = δ_j + γλ·A_{j+1}, returns R_j = A_j + V_j; A whitened over the batch.
+              Or GRPO (Shao et al. 2024): no value model; the k rows sampled for a
+              prompt form a group and A = (s − mean_group s) / (std_group s + ε) on
+              every token of a row, with the KL as a loss term β·k3 instead of a reward;
+  updates     `epochs` passes over the rows, shuffled, in `minibatches` minibatches:
+              clipped surrogate  L_π = mean_t −min(ρ_t·A_t, clip(ρ_t, 1 ± ε)·A_t),
+              ρ_t = π(a_t)/π_old(a_t), minus entropy_coef·entropy; clipped value loss
+              L_V = ½·mean_t max((V − R)², (V_old + clip(V − V_old, ±c) − R)²);
+  β           fixed, or Ziegler's adaptive controller (`update_beta`) on the observed
+              per-sequence KL.
+
+All means are over valid response tokens (`valid`: generated tokens up to and
+including eos); nothing in the prompt or after eos enters any loss.
+
+Sequence layout of the training forward (T = P + N): each row is its prompt,
+right-aligned in P columns (pads before it, segment 0), then its N response columns
+(tokens after eos replaced by pad, segment 0). So response column j is sequence
+index P + j in every row, token a_j is predicted by the output at index P + j − 1, and
+V(s_j), the value of the state before a_j, is the scalar head there too. Positions
+count real tokens only (0 at a prompt's first token), as `sampling.generate` decodes
+them, so the training forward reproduces the sampler's log-probs up to float noise.
+log π_old is recomputed with the training forward itself, in minibatches of the update's
+shape and in the first epoch's order, so the first minibatch starts at ratio 1 (to float
+rounding of the differentiated forward); the sampler's log-probs are only reported
+(`generate_logprob_gap`).
+
+Prompt layout: left-aligned B×P with lengths, as `sampling.generate` takes them. For
+GRPO the caller repeats each prompt `group_size` times consecutively
+(`repeat_prompts`), so rows [g·k, (g+1)·k) are group g.
+
+KL estimators (Schulman 2020, "Approximating KL divergence"), with
+d = log π_ref − log π at tokens sampled from π: k1 = −d (unbiased, can be negative),
+k3 = e^d − 1 − d (unbiased, always >= 0, lower variance).
+
+Big params (reference policy, reward model) should be arguments of the jitted program,
+not constants closed over (jit would bake them into the compiled program): the
+iteration takes `ref_params` and `reward_args` arguments for that.
+"""
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from research import model as model_lib
+from research import sampling
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+  """PPO / GRPO hyper-parameters (defaults: Ouyang et al. 2022 / TRL, scaled down).
+
+  beta: initial KL coefficient β (the state carries the current one).
+  adaptive_kl: Ziegler's controller towards kl_target (per-sequence KL, nats) with
+    horizon kl_horizon (in samples); False: β stays fixed.
+  gamma, lam: GAE discount and λ.
+  clip_eps: PPO ratio clip ε. value_clip: value clip c (0 disables the clip).
+  value_coef: scale of the value loss (the value model has its own optimiser).
+  entropy_coef: entropy bonus coefficient.
+  epochs, minibatches: passes over each rollout and minibatches per pass (the batch
+    must be divisible by minibatches).
+  max_new_tokens: N. temperature: sampling temperature (1 = on-policy; log π is
+    always the temperature-1 policy).
+  no_eos_penalty: subtracted from the score of rows that never emitted eos (>= 0).
+  advantage: 'gae' (value model) or 'grpo' (group-normalised scores, no value model).
+  group_size: k, rows per prompt for 'grpo'.
+  whiten_advantages: whiten GAE advantages over the batch ('gae' only; GRPO's are
+    already normalised per group).
+  """
+  beta: float = 0.05
+  adaptive_kl: bool = False
+  kl_target: float = 6.0
+  kl_horizon: float = 10_000.0
+  gamma: float = 1.0
+  lam: float = 0.95
+  clip_eps: float = 0.2
+  value_clip: float = 0.2
+  value_coef: float = 0.1
+  entropy_coef: float = 0.0
+  epochs: int = 4
+  minibatches: int = 1
+  max_new_tokens: int = 32
+  temperature: float = 1.0
+  no_eos_penalty: float = 0.0
+  advantage: str = 'gae'
+  group_size: int = 1
+  whiten_advantages: bool = True
+
+  def __post_init__(self):
+    if self.advantage not in ('gae', 'grpo'):
+      raise ValueError(f"ppo.advantage={self.advantage!r}: expected 'gae' or 'grpo'")
+    for name in ('epochs', 'minibatches', 'max_new_tokens', 'group_size'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'ppo.{name}={getattr(self, name)} must be >= 1')
+    if self.advantage == 'grpo' and self.group_size < 2:
+      raise ValueError(f'ppo.group_size={self.group_size}: GRPO needs groups of >= 2 samples')
+
+  @property
+  def kl_controller(self) -> 'AdaptiveKL':
+    return AdaptiveKL(adaptive=self.adaptive_kl, target=self.kl_target, horizon=self.kl_horizon)
+
+
+# --------------------------------------------------------------------------------------
+# Masked statistics
+# --------------------------------------------------------------------------------------
+
+
+def masked_mean(x, mask, axis=None):
+  """Mean of x over True entries of mask (0 when there are none)."""
+  m = mask.astype(F32)
+  return jnp.sum(jnp.where(mask, x, 0.0), axis=axis) / jnp.maximum(jnp.sum(m, axis=axis), 1.0)
+
+
+def masked_var(x, mask):
+  mean = masked_mean(x, mask)
+  return masked_mean(jnp.square(x - mean), mask)
+
+
+def whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
+  """(x − mean) / std over valid entries (mean kept if not shift_mean); 0 outside mask."""
+  mean = masked_mean(x, mask)
+  out = (x - mean) * jax.lax.rsqrt(masked_var(x, mask) + eps)
+  if not shift_mean:
+    out = out + mean
+  return jnp.where(mask, out, 0.0)
+
+
+def explained_variance(values, returns, mask):
+  """1 − Var(R − V) / Var(R) over valid tokens (1: perfect, 0: no better than a constant)."""
+  return 1.0 - masked_var(returns - values, mask) / jnp.maximum(masked_var(returns, mask), 1e-8)
+
+
+def last_valid_index(mask_BxN):
+  """Index of each row's last True (0 for a row with none)."""
+  n = mask_BxN.shape[1]
+  return jnp.where(jnp.any(mask_BxN, axis=1), n - 1 - jnp.argmax(mask_BxN[:, ::-1], axis=1), 0)
+
+
+# --------------------------------------------------------------------------------------
+# Sequence layout and the training forward
+# --------------------------------------------------------------------------------------
+
+
+def sequence_from_rollout(prompt_BxP, lengths_B, response_BxN, valid_BxN, pad_id=0):
+  """Prompt right-aligned in P columns + response in N -> dict(tokens, positions, segment_ids).
+
+  All B×(P+N) int32. Response column j is index P + j. Segment 1 for real tokens (the
+  prompt's and valid response tokens), 0 for pads before the prompt and for response
+  columns after eos (whose tokens become pad_id). Positions count real tokens from 0.
+  """
+  b, p = prompt_BxP.shape
+  n = response_BxN.shape[1]
+  lengths_B = lengths_B.astype(jnp.int32)
+  pads_Bx1 = (p - lengths_B)[:, None]
+  slot_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+  prompt_positions = jnp.maximum(slot_BxP - pads_Bx1, 0)
+  prompt_segments = (slot_BxP >= pads_Bx1).astype(jnp.int32)
+  response_positions = lengths_B[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
+  tokens = jnp.concatenate([sampling.right_align(prompt_BxP.astype(jnp.int32), lengths_B, pad_id),
+                            jnp.where(valid_BxN, response_BxN.astype(jnp.int32), pad_id)], axis=1)
+  return dict(tokens=tokens,
+              positions=jnp.concatenate([prompt_positions, response_positions], axis=1),
+              segment_ids=jnp.concatenate([prompt_segments, valid_BxN.astype(jnp.int32)], axis=1))
+
+
+def _forward(params, model, seq):
+  b, t = seq['tokens'].shape
+  return model.apply({'params': params}, seq['tokens'], seq['positions'], seq['segment_ids'],
+                     jnp.zeros((b, t), bool))
+
+
+def response_logprobs_and_entropy(params, model, seq, p: int, n: int):
+  """log π(a_j) of each response token and the policy's entropy there, both float32 B×N.
+
+  `seq` from `sequence_from_rollout`; a_j (index P + j) is scored by the logits at index
+  P + j − 1. Logits are computed for the N response positions only (B×N×V).
+  """
+  if seq['tokens'].shape[1] != p + n:
+    raise ValueError(f"sequence width {seq['tokens'].shape[1]} != P + N = {p} + {n}")
+  hidden_BxTxD, _ = _forward(params, model, seq)
+  logits_BxNxV = model_lib.logits(params, hidden_BxTxD[:, p - 1:p + n - 1],
+                                  model.cfg.compute_dtype)
+  logp_BxNxV = jax.nn.log_softmax(logits_BxNxV, axis=-1)
+  logp_BxN = jnp.take_along_axis(logp_BxNxV, seq['tokens'][:, p:, None], axis=-1)[..., 0]
+  entropy_BxN = -jnp.sum(jnp.exp(logp_BxNxV) * logp_BxNxV, axis=-1)
+  return logp_BxN, entropy_BxN
+
+
+def response_values(value_params, value_model, seq, p: int, n: int):
+  """V(s_j), the value of the state before response token j: the scalar at index P + j − 1."""
+  _, scalar_BxT = _forward(value_params, value_model, seq)
+  if scalar_BxT is None:
+    raise ValueError('the value model needs scalar_head=True')
+  return scalar_BxT[:, p - 1:p + n - 1]
+
+
+# --------------------------------------------------------------------------------------
+# Rewards, advantages, KL
+# --------------------------------------------------------------------------------------
+
+
+def token_rewards(score_B, logp_BxN, ref_logp_BxN, mask_BxN, beta, done_B, no_eos_penalty=0.0):
+  """r_j = −β·(log π − log π_ref) on valid tokens; + score (− penalty if not done) on the last.
+
+  The last valid token of each row gets `score − no_eos_penalty·(not done)`; rewards are
+  0 outside mask. Returns float32 B×N.
+  """
+  n = mask_BxN.shape[1]
+  kl_BxN = jnp.where(mask_BxN, logp_BxN - ref_logp_BxN, 0.0)
+  final_B = score_B.astype(F32) - no_eos_penalty * (~done_B).astype(F32)
+  last_BxN = jax.nn.one_hot(last_valid_index(mask_BxN), n, dtype=F32)
+  rewards = -beta * kl_BxN + last_BxN * final_B[:, None]
+  return jnp.where(mask_BxN, rewards, 0.0)
+
+
+def gae(rewards_BxN, values_BxN, mask_BxN, gamma, lam):
+  """Generalised advantage estimation (Schulman et al. 2016) -> (advantages, returns) B×N.
+
+  Reverse scan over the N columns: δ_j = r_j + γ·V_{j+1} − V_j, A_j = δ_j + γλ·A_{j+1},
+  where V and A past a row's last valid token are 0 (the episode ended). R = A + V.
+  Both are 0 outside mask (a mask is a prefix of each row).
+  """
+  m_BxN = mask_BxN.astype(bool)
+
+  def step(carry, x):
+    next_value_B, next_advantage_B = carry
+    reward_B, value_B, valid_B = x
+    delta_B = reward_B + gamma * next_value_B - value_B
+    advantage_B = jnp.where(valid_B, delta_B + gamma * lam * next_advantage_B, 0.0)
+    return (jnp.where(valid_B, value_B, 0.0), advantage_B), advantage_B
+
+  b = rewards_BxN.shape[0]
+  zeros_B = jnp.zeros((b,), F32)
+  _, advantages_NxB = jax.lax.scan(
+      step, (zeros_B, zeros_B),
+      (rewards_BxN.T.astype(F32), values_BxN.T.astype(F32), m_BxN.T), reverse=True)
+  advantages_BxN = advantages_NxB.T
+  return advantages_BxN, jnp.where(m_BxN, advantages_BxN + values_BxN, 0.0)
+
+
+def grpo_advantages(scores_B, group_size: int, mask_BxN, eps: float = 1e-6):
+  """(score − group mean) / (group std + eps), rows grouped consecutively k at a time.
+
+  The std is the population std of the group. Broadcast to every valid token; 0
+  elsewhere. Each group's per-row advantages sum to 0.
+  """
+  b = scores_B.shape[0]
+  if b % group_size:
+    raise ValueError(f'batch {b} is not a multiple of group_size {group_size}')
+  s_GxK = scores_B.astype(F32).reshape(b // group_size, group_size)
+  mean_Gx1 = jnp.mean(s_GxK, axis=1, keepdims=True)
+  std_Gx1 = jnp.std(s_GxK, axis=1, keepdims=True)
+  advantage_B = ((s_GxK - mean_Gx1) / (std_Gx1 + eps)).reshape(b)
+  return jnp.where(mask_BxN, advantage_B[:, None], 0.0)
+
+
+def repeat_prompts(prompt_BxP, lengths_B, group_size: int):
+  """Each prompt `group_size` times consecutively (GRPO's layout)."""
+  return (jnp.repeat(prompt_BxP, group_size, axis=0), jnp.repeat(lengths_B, group_size, axis=0))
+
+
+def kl_k1(logp, ref_logp):
+  """Per-token k1 = log π − log π_ref."""
+  return logp - ref_logp
+
+
+def kl_k3(logp, ref_logp):
+  """Per-token k3 = e^d − 1 − d, d = log π_ref − log π (Schulman's, >= 0)."""
+  d = ref_logp - logp
+  return jnp.exp(d) - 1.0 - d
+
+
+def kl_stats(logp_BxN, ref_logp_BxN, mask_BxN):
+  """KL(π‖π_ref) estimates: per sequence (summed over its tokens, mean over rows) and per token.
+
+  -> dict(kl_k1, kl_k3 (per sequence), kl_k1_token, kl_k3_token (mean over valid tokens)).
+  """
+  out = {}
+  for name, fn in (('kl_k1', kl_k1), ('kl_k3', kl_k3)):
+    per_token = jnp.where(mask_BxN, fn(logp_BxN, ref_logp_BxN), 0.0)
+    out[name] = jnp.mean(jnp.sum(per_token, axis=1))
+    out[name + '_token'] = masked_mean(per_token, mask_BxN)
+  return out
+
+
+# --------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------
+
+
+def policy_loss(logp_new, logp_old, advantages, mask, clip_eps):
+  """Clipped surrogate mean_t −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A), ρ = exp(log π − log π_old).
+
+  -> (loss, metrics): clip_fraction (share of tokens with |ρ − 1| > ε), approx_kl
+  (k3 estimate of KL(π_old‖π): mean (ρ − 1) − log ρ), ratio_max_dev (max |ρ − 1|).
+  """
+  log_ratio = jnp.where(mask, logp_new - logp_old, 0.0)
+  ratio = jnp.exp(log_ratio)
+  unclipped = ratio * advantages
+  clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+  loss = masked_mean(-jnp.minimum(unclipped, clipped), mask)
+  metrics = dict(
+      clip_fraction=masked_mean((jnp.abs(ratio - 1.0) > clip_eps).astype(F32), mask),
+      approx_kl=masked_mean((ratio - 1.0) - log_ratio, mask),
+      ratio_max_dev=jnp.max(jnp.where(mask, jnp.abs(ratio - 1.0), 0.0)))
+  return loss, metrics
+
+
+def value_loss(v_new, v_old, returns, mask, clip):
+  """½·mean_t max((V − R)², (V_old + clip(V − V_old, ±c) − R)²) -> (loss, metrics).
+
+  clip <= 0: no clipping (½·mean (V − R)²). metrics: value_clip_fraction (share of tokens
+  where the clipped term is the larger one).
+  """
+  unclipped = jnp.square(v_new - returns)
+  if clip > 0:
+    v_clipped = v_old + jnp.clip(v_new - v_old, -clip, clip)
+    clipped = jnp.square(v_clipped - returns)
+  else:
+    clipped = unclipped
+  loss = 0.5 * masked_mean(jnp.maximum(unclipped, clipped), mask)
+  return loss, dict(value_clip_fraction=masked_mean((clipped > unclipped).astype(F32), mask))
+
+
+# --------------------------------------------------------------------------------------
+# KL controller
+# --------------------------------------------------------------------------------------
+
+
+def update_beta(beta, observed_kl, target, horizon, n_steps):
+  """Ziegler et al. 2019's adaptive KL coefficient.
+
+  e = clip(KL / target − 1, −0.2, 0.2), β ← β·(1 + e·n_steps / horizon): β grows when the
+  observed KL is above target and shrinks below it. n_steps: samples in this update.
+  """
+  error = jnp.clip(observed_kl / target - 1.0, -0.2, 0.2)
+  return beta * (1.0 + error * n_steps / horizon)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveKL:
+  """The controller's config; `adaptive=False` keeps β fixed."""
+  adaptive: bool = False
+  target: float = 6.0
+  horizon: float = 10_000.0
+
+  def update(self, beta, observed_kl, n_steps):
+    if not self.adaptive:
+      return beta
+    return update_beta(beta, observed_kl, self.target, self.horizon, n_steps)
+
+
+# --------------------------------------------------------------------------------------
+# State and the iteration
+# --------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class PPOState:
+  """policy / value params and optimiser states (value ones None for GRPO), β, step, rng."""
+  policy_params: Any
+  policy_opt_state: Any
+  value_params: Any
+  value_opt_state: Any
+  beta: jax.Array
+  step: jax.Array
+  rng: jax.Array
+
+
+@flax.struct.dataclass
+class Rollout:
+  """One iteration's data (B rows, N response columns), in the prompts' order.
+
+  logprobs_BxN: log π_old from the training forward; ref_logprobs_BxN: log π_ref;
+  values_BxN, rewards_BxN, returns_BxN: None for GRPO.
+  """
+  prompt_BxP: jax.Array
+  lengths_B: jax.Array
+  generation: sampling.Generation
+  scores_B: jax.Array
+  logprobs_BxN: jax.Array
+  ref_logprobs_BxN: jax.Array
+  entropy_BxN: jax.Array
+  values_BxN: Optional[jax.Array]
+  rewards_BxN: Optional[jax.Array]
+  advantages_BxN: jax.Array
+  returns_BxN: Optional[jax.Array]
+
+
+def init_ppo_state(policy_params, tx_policy, cfg: PPOConfig, rng, value_params=None,
+                   tx_value=None) -> PPOState:
+  """The initial state: β = cfg.beta, step 0. GAE needs value params and tx_value."""
+  if cfg.advantage == 'gae':
+    if value_params is None or tx_value is None:
+      raise ValueError("advantage='gae' needs value_params and tx_value")
+    value_opt_state = tx_value.init(value_params)
+  else:
+    value_params, value_opt_state = None, None
+  return PPOState(policy_params=policy_params, policy_opt_state=tx_policy.init(policy_params),
+                  value_params=value_params, value_opt_state=value_opt_state,
+                  beta=jnp.asarray(cfg.beta, F32), step=jnp.zeros((), jnp.int32), rng=rng)
+
+
+def make_ppo_iteration(policy_model, value_model, ref_params, reward_fn: Callable, tx_policy,
+                       tx_value, cfg: PPOConfig, eos_id: int, *, pad_id: int = 0, top_k: int = 0,
+                       top_p: float = 1.0):
+  """-> pure `iteration(state, prompt_BxP, lengths_B, ref_params=None, reward_args=())`.
+
+  Returns (state, metrics, Rollout). Suitable for `jax.jit` as a whole.
+
+  Args:
+    policy_model: the policy's Transformer (scalar_head False); the reference policy
+      is the same model with `ref_params`.
+    value_model: a Transformer with scalar_head=True (None for GRPO).
+    ref_params: the frozen initial policy. May be None here and given to each call
+      instead (recommended beyond toy sizes: an argument, not a compiled-in constant).
+    reward_fn: jittable `reward_fn(prompt_BxP, lengths_B, response_BxN, valid_BxN,
+      *reward_args) -> score_B` (e.g. `reward_model.make_reward_fn(rm_model)` with
+      reward_args=(rm_params, offset), or any toy function of the tokens).
+    tx_policy, tx_value: optax optimisers (tx_value None for GRPO).
+    cfg: PPOConfig. eos_id: end-of-turn id (a row stops there). pad_id: written after
+      eos. top_k, top_p: sampling filters (static).
+
+  Prompts: left-aligned with lengths (>= 1), B divisible by cfg.minibatches; for GRPO
+  each prompt repeated cfg.group_size times consecutively (`repeat_prompts`).
+
+  `jax.jit(iteration, donate_argnums=0)` may donate the state, as long as the reference
+  params are separate buffers (not the initial state's policy params themselves).
+  """
+  grpo = cfg.advantage == 'grpo'
+  if not grpo and value_model is None:
+    raise ValueError("advantage='gae' needs a value model")
+  n = cfg.max_new_tokens
+  closed_ref_params = ref_params
+
+  def iteration(state: PPOState, prompt_BxP, lengths_B, ref_params=None, reward_args=()):
+    ref = closed_ref_params if ref_params is None else ref_params
+    if ref is None:
+      raise ValueError('no reference params: give them to make_ppo_iteration or the call')
+    b, p = prompt_BxP.shape
+    if b % cfg.minibatches:
+      raise ValueError(f'batch {b} is not divisible by minibatches={cfg.minibatches}')
+    if grpo and b % cfg.group_size:
+      raise ValueError(f'batch {b} is not a multiple of group_size={cfg.group_size}')
+    mb = b // cfg.minibatches
+    lengths_B = lengths_B.astype(jnp.int32)
+    rng, r_generate, r_shuffle = jax.random.split(state.rng, 3)
+    perms_ExB = jax.vmap(lambda k: jax.random.permutation(k, b))(
+        jax.random.split(r_shuffle, cfg.epochs))
+    chunk = lambda x, perm: x[perm].reshape(cfg.minibatches, mb, *x.shape[1:])
+
+    def unchunk(x, perm):
+      flat = x.reshape(b, *x.shape[2:])
+      return jnp.zeros_like(flat).at[perm].set(flat)
+
+    # Rollout.
+    gen = sampling.generate(state.policy_params, prompt_BxP, lengths_B, r_generate,
+                            cfg=policy_model.cfg, max_new_tokens=n, eos_id=eos_id, pad_id=pad_id,
+                            temperature=cfg.temperature, top_k=top_k, top_p=top_p)
+    mask_BxN = gen.valid_BxN
+    seq = sequence_from_rollout(prompt_BxP, lengths_B, gen.tokens_BxN, mask_BxN, pad_id)
+
+    # Old / reference log-probs and values, by minibatches in the first epoch's order.
+    def rollout_forward(s):
+      logp, entropy = response_logprobs_and_entropy(state.policy_params, policy_model, s, p, n)
+      ref_logp, _ = response_logprobs_and_entropy(ref, policy_model, s, p, n)
+      values = None if grpo else response_values(state.value_params, value_model, s, p, n)
+      return logp, entropy, ref_logp, values
+
+    out = jax.lax.map(rollout_forward, jax.tree.map(lambda x: chunk(x, perms_ExB[0]), seq))
+    logp_old, entropy, ref_logp, values = jax.tree.map(lambda x: unchunk(x, perms_ExB[0]), out)
+
+    score_B = reward_fn(prompt_BxP, lengths_B, gen.tokens_BxN, mask_BxN, *reward_args)
+    score_B = jax.lax.stop_gradient(score_B.astype(F32))
+    beta = state.beta
+    if grpo:
+      final_B = score_B - cfg.no_eos_penalty * (~gen.done_B).astype(F32)
+      advantages = grpo_advantages(final_B, cfg.group_size, mask_BxN)
+      rewards = returns = None
+    else:
+      rewards = token_rewards(score_B, logp_old, ref_logp, mask_BxN, beta, gen.done_B,
+                              cfg.no_eos_penalty)
+      advantages, returns = gae(rewards, values, mask_BxN, cfg.gamma, cfg.lam)
+      if cfg.whiten_advantages:
+        advantages = whiten(advantages, mask_BxN)
+
+    # Updates: epochs x minibatches, rows shuffled every epoch.
+    def policy_objective(params, batch):
+      logp, ent = response_logprobs_and_entropy(params, policy_model, batch['seq'], p, n)
+      mask = batch['mask']
+      loss, metrics = policy_loss(logp, batch['logp_old'], batch['advantages'], mask,
+                                  cfg.clip_eps)
+      mean_entropy = masked_mean(ent, mask)
+      total = loss - cfg.entropy_coef * mean_entropy
+      metrics = dict(metrics, policy_loss=loss, minibatch_entropy=mean_entropy)
+      if grpo:  # KL to the reference as a loss term (DeepSeekMath), k3 per token
+        kl = masked_mean(kl_k3(logp, batch['ref_logp']), mask)
+        total = total + beta * kl
+        metrics['kl_loss'] = kl
+      return total, metrics
+
+    def value_objective(params, batch):
+      v = response_values(params, value_model, batch['seq'], p, n)
+      loss, metrics = value_loss(v, batch['values'], batch['returns'], batch['mask'],
+                                 cfg.value_clip)
+      return cfg.value_coef * loss, dict(metrics, value_loss=loss)
+
+    def minibatch_update(carry, batch):
+      policy_params, policy_opt, value_params, value_opt = carry
+      (_, metrics), grads = jax.value_and_grad(policy_objective, has_aux=True)(policy_params,
+                                                                               batch)
+      updates, policy_opt = tx_policy.update(grads, policy_opt, policy_params)
+      policy_params = optax.apply_updates(policy_params, updates)
+      metrics['policy_grad_norm'] = optax.tree.norm(grads)
+      if not grpo:
+        (_, v_metrics), grads = jax.value_and_grad(value_objective, has_aux=True)(value_params,
+                                                                                  batch)
+        updates, value_opt = tx_value.update(grads, value_opt, value_params)
+        value_params = optax.apply_updates(value_params, updates)
+        metrics.update(v_metrics, value_grad_norm=optax.tree.norm(grads))
+      return (policy_params, policy_opt, value_params, value_opt), metrics
+
+    data = dict(seq=seq, mask=mask_BxN, logp_old=logp_old, ref_logp=ref_logp,
+                advantages=advantages, values=values, returns=returns)
+
+    def epoch(carry, perm):
+      return jax.lax.scan(minibatch_update, carry, jax.tree.map(lambda x: chunk(x, perm), data))
+
+    carry = (state.policy_params, state.policy_opt_state, state.value_params,
+             state.value_opt_state)
+    (policy_params, policy_opt, value_params, value_opt), per_update = jax.lax.scan(
+        epoch, carry, perms_ExB)
+
+    # Metrics (of this rollout; update metrics averaged over every minibatch).
+    kl = kl_stats(logp_old, ref_logp, mask_BxN)
+    metrics = dict(
+        score_mean=jnp.mean(score_B), score_std=jnp.std(score_B),
+        kl_k1=kl['kl_k1'], kl_k3=kl['kl_k3'], kl_k1_token=kl['kl_k1_token'],
+        kl_k3_token=kl['kl_k3_token'], entropy=masked_mean(entropy, mask_BxN),
+        response_length=jnp.mean(gen.lengths_B.astype(F32)),
+        fraction_done=jnp.mean(gen.done_B.astype(F32)), beta=beta,
+        generate_logprob_gap=jnp.max(jnp.where(mask_BxN, jnp.abs(gen.logprobs_BxN - logp_old),
+                                               0.0)),
+        first_ratio_max_dev=per_update['ratio_max_dev'][0, 0])
+    for name, value in per_update.items():
+      if name != 'ratio_max_dev':
+        metrics[name] = jnp.mean(value)
+    if not grpo:
+      metrics.update(explained_variance=explained_variance(values, returns, mask_BxN),
+                     value_mean=masked_mean(values, mask_BxN),
+                     return_mean=masked_mean(returns, mask_BxN),
+                     reward_sum=jnp.mean(jnp.sum(rewards, axis=1)))
+
+    new_beta = cfg.kl_controller.update(beta, kl['kl_k1'], b)
+    new_state = PPOState(policy_params=policy_params, policy_opt_state=policy_opt,
+                         value_params=value_params, value_opt_state=value_opt,
+                         beta=jnp.asarray(new_beta, F32), step=state.step + 1, rng=rng)
+    rollout = Rollout(prompt_BxP=prompt_BxP, lengths_B=lengths_B, generation=gen,
+                      scores_B=score_B, logprobs_BxN=logp_old, ref_logprobs_BxN=ref_logp,
+                      entropy_BxN=entropy, values_BxN=values, rewards_BxN=rewards,
+                      advantages_BxN=advantages, returns_BxN=returns)
+    return new_state, metrics, rollout
+
+  return iteration
