@@ -13,6 +13,7 @@ Writes `eval.json` and `report.md` to the workdir; later stages (reward model, P
 start from it.
 """
 import collections
+import hashlib
 import json
 import pathlib
 import time
@@ -25,7 +26,6 @@ from experiments import pretrain
 from research import chat
 from research import checkpoint as checkpoint_lib
 from research import conversations as conv_lib
-from research import data as data_lib
 from research import evaluation
 from research import model as model_lib
 from research import objectives as objectives_lib
@@ -37,7 +37,7 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 
 def _split(items, fraction, seed):
   """Deterministic split by a seeded hash of each item's JSON (no item in both halves)."""
-  keyed = sorted(range(len(items)), key=lambda i: hash_of(items[i], seed))
+  keyed = sorted(range(len(items)), key=lambda i: (hash_of(items[i], seed), i))
   n_val = min(max(round(fraction * len(items)), 1), len(items) - 1) if len(items) > 1 else 0
   held = set(keyed[:n_val])
   return ([x for i, x in enumerate(items) if i not in held],
@@ -45,7 +45,6 @@ def _split(items, fraction, seed):
 
 
 def hash_of(item, seed) -> str:
-  import hashlib  # pylint: disable=g-import-not-at-top
   return hashlib.sha256(f'{seed}\0{json.dumps(item, sort_keys=True)}'.encode()).hexdigest()
 
 
@@ -56,10 +55,15 @@ def load_sources(config: dict) -> tuple[dict, dict, dict]:
   train, held, problems = {}, {}, {}
   wp = dc['word_problems']
   if 'word_problems' in weights or config['eval']['word_problems_per_k']:
-    steps = (wp['min_steps'], wp['max_steps'])
+    # Stratified by k: the same number of train and of test problems for every k.
+    ks = range(wp['min_steps'], wp['max_steps'] + 1)
     per_k = config['eval']['word_problems_per_k']
-    train_p, test_p = conv_lib.word_problem_splits(
-        wp['num_train'], per_k * (steps[1] - steps[0] + 1), steps=steps, seed=seed)
+    train_p, test_p = [], []
+    for k in ks:
+      tr, te = conv_lib.word_problem_splits(wp['num_train'] // len(ks), per_k, steps=(k, k),
+                                            seed=seed * 1000 + k)
+      train_p += tr
+      test_p += te
     problems['word_problems'] = test_p
     if 'word_problems' in weights:
       train['word_problems'] = [conv_lib.word_problem_conversation(p, wp['format'])
@@ -122,16 +126,23 @@ def answer_accuracy(params, cfg, tokenizer, items, ec) -> list[bool]:
           for o, (_, gold) in zip(outs, items)]
 
 
+def heldout_losses(params, cfg, tokenizer, held: dict, seq_len: int, batch_size: int) -> dict:
+  """Mean loss on the assistant tokens of each source's held-out conversations."""
+  ids = objectives_lib.SpecialIds.from_tokenizer(tokenizer)
+  eval_fn = pretrain.make_eval_fn(model_lib.Transformer(cfg),
+                                  objectives_lib.get_objective('supervised'), ids, 0.0)
+  out = {}
+  for source, convs in held.items():
+    rows, _ = pack(tokenizer, convs, seq_len)
+    out[source] = pretrain.evaluate(eval_fn, params, rows, batch_size, 0, 0)['objective_loss']
+  return out
+
+
 def evaluate(params, cfg, tokenizer, config, held, problems) -> dict:
   ec = config['eval']
-  ids = objectives_lib.SpecialIds.from_tokenizer(tokenizer)
-  model = model_lib.Transformer(cfg)
-  eval_fn = pretrain.make_eval_fn(model, objectives_lib.get_objective('supervised'), ids, 0.0)
-  out = {'heldout_assistant_loss': {}}
-  for source, convs in held.items():
-    rows, _ = pack(tokenizer, convs, config['data']['seq_len'])
-    m = pretrain.evaluate(eval_fn, params, rows, config['data']['batch_size'], 0, 0)
-    out['heldout_assistant_loss'][source] = m['objective_loss']
+  out = {'heldout_assistant_loss': heldout_losses(params, cfg, tokenizer, held,
+                                                  config['data']['seq_len'],
+                                                  config['data']['batch_size'])}
   if 'word_problems' in problems:
     test = problems['word_problems']
     items = [([{'role': 'user', 'content': p.question}], p.answer) for p in test]

@@ -1,0 +1,125 @@
+"""Supervised fine-tuning end to end on a tiny model, the chat CLI, and the SFT objective."""
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import pretrain as pretrain_config
+from configs import sft as sft_config
+from experiments import chat as chat_cli
+from experiments import common
+from experiments import pretrain
+from experiments import sft
+from research import checkpoint as checkpoint_lib
+from research import model as model_lib
+from research import objectives
+from tests.test_pretrain import write_corpus
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _set(config, **values):
+  for name, value in values.items():
+    common.apply_override(config, name.replace('__', '.'), str(value))
+  return config
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  root = tmp_path_factory.mktemp('sft')
+  config = _set(pretrain_config.get_config('tiny'), data__corpus=write_corpus(root / 'corpus'),
+                data__seq_len=192, data__batch_size=8, tokenizer__vocab_size=512,
+                model__d_model=48, model__num_layers=2, model__num_heads=2, train__steps=6,
+                train__eval_every=0, train__eval_batches=1, train__checkpoint_every=100,
+                train__num_samples=0, optimizer__warmup_steps=1)
+  pretrain.train(config, root / 'pretrain')
+  return root
+
+
+def sft_config_for(steps, **extra):
+  config = sft_config.get_config('test')
+  _set(config, data__seq_len=192, data__num_train=240, data__weights__chatterbot=0.0,
+       data__weights__gsm8k=0.0, data__word_problems__num_train=240, train__steps=steps,
+       eval__word_problems_per_k=2, eval__max_new_tokens=8, optimizer__learning_rate=3e-3,
+       **extra)
+  return config
+
+
+def test_supervised_objective_scores_only_marked_next_tokens():
+  tokens = jnp.array([[5, 6, 7, 8, 9, 10]])
+  batch = dict(tokens=tokens, positions=jnp.arange(6)[None],
+               segment_ids=jnp.array([[1, 1, 1, 1, 2, 2]]),
+               loss_mask=jnp.array([[0, 0, 1, 1, 0, 1]], jnp.int32))
+  ex = objectives.supervised(batch, jax.random.key(0), None)
+  # Position i predicts token i+1: scored when token i+1 is marked and in the same segment.
+  np.testing.assert_array_equal(ex['weights'], [[0, 1, 1, 0, 1, 0]])
+  np.testing.assert_array_equal(ex['targets'][0, :5], tokens[0, 1:])
+
+
+def test_sft_lowers_heldout_assistant_loss_and_resumes(pretrained, tmp_path):
+  init = pretrained / 'pretrain'
+  params0, init_config, tok = checkpoint_lib.load_stage(init)
+  cfg = model_lib.TransformerConfig.from_dict(init_config['model'])
+  config = sft_config_for(steps=40)
+  resolved = dict(config.to_dict(), init=str(init))
+  _, held, _ = sft.load_sources(resolved)
+  before = sft.heldout_losses(params0, cfg, tok, held, 192, 8)['word_problems']
+  result = sft.finetune(config, tmp_path / 'sft', init)
+  after = result['eval']['heldout_assistant_loss']['word_problems']
+  assert after < before - 0.5, (before, after)
+  assert set(result['eval']['word_problems_by_k']) == {1, 2, 3, 4}
+  assert result['packing']['packed'] > 0
+  # The workdir is a stage: params, config and tokenizer load back.
+  params, saved, tok2 = checkpoint_lib.load_stage(tmp_path / 'sft')
+  assert saved['init'] == str(init) and tok2.fingerprint == tok.fingerprint
+  # A second call resumes the finished run instead of training again.
+  again = sft.finetune(config, tmp_path / 'sft', init)
+  assert again['train']['step'] == 40
+  assert again['eval']['heldout_assistant_loss'] == pytest.approx(
+      result['eval']['heldout_assistant_loss'], rel=1e-5)
+
+  # The chat session: history kept across turns, /reset forgets it, tokens streamed.
+  session = chat_cli.load_session(tmp_path / 'sft', temperature=0.0, max_new_tokens=6)
+  pieces = []
+  answer = session.reply('Ana has 3 apples. She buys 2 more. How many apples?', pieces.append)
+  assert ''.join(pieces) == answer
+  session.reply('And now?')
+  assert [m['role'] for m in session.messages] == ['user', 'assistant'] * 2
+  session.reset()
+  assert session.messages == []
+  # Greedy replies are deterministic and independent of earlier sessions.
+  again = chat_cli.load_session(tmp_path / 'sft', temperature=0.0, max_new_tokens=6)
+  assert again.reply('Ana has 3 apples. She buys 2 more. How many apples?') == answer
+
+  # The one-shot CLI mode prints a reply and exits 0; a missing workdir is one line.
+  out = subprocess.run([sys.executable, '-m', 'experiments.chat', f'--workdir={tmp_path / "sft"}',
+                        '--prompt=Hello', '--max_new_tokens=4', '--temperature=0'],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  bad = subprocess.run([sys.executable, '-m', 'experiments.chat',
+                        f'--workdir={tmp_path / "nope"}', '--prompt=Hi'],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and bad.stderr.count('\n') == 1, bad.stderr
+
+
+def test_sft_cli_errors_are_one_line(pretrained, tmp_path):
+  bad_jsonl = tmp_path / 'bad.jsonl'
+  bad_jsonl.write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                       '{"role": "assistant", "content": "hello"}]}\n{"messages": [{"role": '
+                       '"wizard", "content": "x"}]}\n')
+  cases = [
+      ([], 'no init workdir'),
+      ([f'--init={tmp_path / "missing"}'], 'missing'),
+      ([f'--init={pretrained / "pretrain"}', '--config.data.weights.jsonl=1.0',
+        f'--config.data.jsonl_path={bad_jsonl}', '--config.data.seq_len=192'], 'bad.jsonl:2'),
+  ]
+  for args, expected in cases:
+    out = subprocess.run([sys.executable, '-m', 'experiments.sft', '--config=configs/sft.py:test',
+                          f'--workdir={tmp_path / "w"}', *args],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.count('\n') == 1 and expected in out.stderr, out.stderr
