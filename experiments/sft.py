@@ -196,6 +196,8 @@ def finetune(config, workdir, init_workdir) -> dict:
   summary, params = pretrain.run_training(
       setup, workdir, objectives_lib.get_objective('supervised'), mesh,
       fresh_config=saved is None, init_params=init_params, sample_prompts=())
+  if summary['interrupted']:  # a signal or train.max_minutes: saved; evaluate on resume
+    return dict(train=summary, interrupted=True)
   result = dict(train=summary, packing=stats,
                 eval=evaluate(params, setup.model_cfg, tokenizer, config, held, problems),
                 format=config['data']['word_problems']['format'],
@@ -252,6 +254,9 @@ def main(config, workdir):
     result = finetune(config, workdir, init)
   except conv_lib.ConversationError as e:
     raise common.UserError(str(e)) from None
+  if result.get('interrupted'):
+    common.log(f'stopped early at step {result["train"]["step"]}: run again to resume')
+    return
   twin = None
   if config.eval.format_twin:
     twin_config = config.copy_and_resolve_references()
@@ -259,6 +264,9 @@ def main(config, workdir):
     twin_config.data.word_problems.format = 'answer_first' if fmt == 'steps_first' else 'steps_first'
     common.log(f'\n== the {twin_config.data.word_problems.format} twin')
     twin = finetune(twin_config, workdir / twin_config.data.word_problems.format, init)
+    if twin.get('interrupted'):
+      common.log(f'stopped early at step {twin["train"]["step"]}: run again to resume')
+      return
     # The twin's workdir is inside the main one; nothing else reads it as a stage.
   text = report(result, twin, dict(config.to_dict(), init=str(init)))
   if jax.process_index() == 0:
