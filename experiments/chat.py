@@ -23,16 +23,6 @@ from research import checkpoint as checkpoint_lib
 from research import model as model_lib
 from research import sampling
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A fine-tuned (SFT / PPO) run folder.')
-_PROMPT = flags.DEFINE_string('prompt', None, 'One user message: print the reply and exit.')
-_SYSTEM = flags.DEFINE_string('system', '', 'An optional system message.')
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Most tokens per reply.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.7, 'Sampling temperature; 0 is greedy.')
-_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0: all).')
-_TOP_P = flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling mass (1: off).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-
-
 class UserError(Exception):
   """Printed as one line."""
 
@@ -146,31 +136,53 @@ def interactive(session: ChatSession, read=input, write=sys.stdout.write):
     write('\n')
 
 
-def main(argv):
+def define_flags():
+  """Flags are defined only when this module runs as a program, so other modules can
+  import ChatSession without flag clashes."""
+  define = dict(
+      workdir=lambda: flags.DEFINE_string('workdir', None, 'A fine-tuned (SFT / PPO) run folder.'),
+      prompt=lambda: flags.DEFINE_string('prompt', None,
+                                         'One user message: print the reply and exit.'),
+      system=lambda: flags.DEFINE_string('system', '', 'An optional system message.'),
+      max_new_tokens=lambda: flags.DEFINE_integer('max_new_tokens', 128, 'Most tokens per reply.'),
+      temperature=lambda: flags.DEFINE_float('temperature', 0.7,
+                                             'Sampling temperature; 0 is greedy.'),
+      top_k=lambda: flags.DEFINE_integer('top_k', 0,
+                                         'Sample among the k most likely tokens (0: all).'),
+      top_p=lambda: flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling mass (1: off).'),
+      seed=lambda: flags.DEFINE_integer('seed', 0, 'Sampling seed.'))
+  return {name: fn() for name, fn in define.items()}
+
+
+def main(argv, chat_flags):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
+  f = {name: flag.value for name, flag in chat_flags.items()}
   try:
-    if not _WORKDIR.value:
+    if not f['workdir']:
       raise UserError('--workdir is required (a fine-tuned run folder, e.g. runs/sft)')
-    if _MAX_NEW.value < 1 or _TEMPERATURE.value < 0 or _TOP_K.value < 0 or not 0 < _TOP_P.value <= 1:
+    if (f['max_new_tokens'] < 1 or f['temperature'] < 0 or f['top_k'] < 0
+        or not 0 < f['top_p'] <= 1):
       raise UserError('need --max_new_tokens >= 1, --temperature >= 0, --top_k >= 0, '
                       '0 < --top_p <= 1')
-    session = load_session(_WORKDIR.value, system=_SYSTEM.value,
-                           temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                           top_p=_TOP_P.value, max_new_tokens=_MAX_NEW.value, seed=_SEED.value)
-    if session.cfg.max_len <= _MAX_NEW.value:
-      raise UserError(f'--max_new_tokens={_MAX_NEW.value} leaves no room in the model\'s '
-                      f'{session.cfg.max_len}-token context')
+    session = load_session(f['workdir'], system=f['system'], temperature=f['temperature'],
+                           top_k=f['top_k'], top_p=f['top_p'],
+                           max_new_tokens=f['max_new_tokens'], seed=f['seed'])
+    if session.cfg.max_len <= f['max_new_tokens']:
+      raise UserError(f'--max_new_tokens={f["max_new_tokens"]} leaves no room in the '
+                      f'model\'s {session.cfg.max_len}-token context')
   except (UserError, checkpoint_lib.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  if _PROMPT.value is not None:
-    session.reply(_PROMPT.value, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+  stream = lambda s: (sys.stdout.write(s), sys.stdout.flush())
+  if f['prompt'] is not None:
+    session.reply(f['prompt'], on_text=stream)
     sys.stdout.write('\n')
   else:
     interactive(session)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  chat_flags = define_flags()
+  app.run(lambda argv: main(argv, chat_flags))

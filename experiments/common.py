@@ -81,11 +81,15 @@ def apply_override(config, name: str, text: str) -> None:
 
 
 def parse_config_args(argv, default_spec: str):
-  """Splits `--config=FILE:ARG` and `--config.a.b=VALUE` off argv -> (config, other args)."""
+  """Splits `--config=FILE:ARG`, `--config.a.b=VALUE` and `--init=WORKDIR` (short for
+  `--config.init=WORKDIR`, for stages that start from another's output) off argv ->
+  (config, other args)."""
   spec, sets, rest = default_spec, [], [argv[0]]
   for arg in argv[1:]:
     if arg.startswith('--config='):
       spec = arg.split('=', 1)[1]
+    elif arg.startswith('--init='):  # a later stage's starting workdir: config.init
+      sets.append(('init', arg.split('=', 1)[1]))
     elif arg.startswith('--config.'):
       name, eq, value = arg[len('--config.'):].partition('=')
       if not eq:

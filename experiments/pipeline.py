@@ -4,22 +4,27 @@
 
 Stage 1: train a sentencepiece tokenizer on the corpus; stage 2: pretrain the `tiny`
 model (causal LM) and print samples and the final validation loss next to the
-corpus's unigram entropy. Each stage writes its own subfolder of the workdir and is
-resumed, not redone, when the command runs again. Later stages (SFT, reward model,
-PPO, tool use) hand over through these folders.
+corpus's unigram entropy; stage 3: fine-tune it on conversations (configs/sft.py:quick)
+and hold a short greedy conversation with the result. Each stage writes its own
+subfolder of the workdir and is resumed, not redone, when the command runs again.
+Later stages (reward model, PPO) start from `WORKDIR/sft`.
 """
 import json
 import pathlib
 
 import jax
+from configs import sft as sft_config
+from experiments import chat
 from experiments import common
 from experiments import pretrain
+from experiments import sft
 
-
-
-# The main job must end within 10 minutes on 2 cores: training stops (and saves) here at
-# the latest. Override with --config.train.max_minutes.
-MAX_PRETRAIN_MINUTES = 7.0
+# The main job must end within about 10 minutes on 2 cores: each stage stops (and saves)
+# at these limits. Override pretraining's with --config.train.max_minutes.
+MAX_PRETRAIN_MINUTES = 6.0
+MAX_SFT_MINUTES = 2.5
+CONVERSATION = ('Hello! How are you?',
+                'Sam has 5 pens. He buys 3 more. How many pens does Sam have?')
 
 
 def main(config, workdir):
@@ -36,8 +41,29 @@ def main(config, workdir):
   common.log(f'\n== final validation loss {v["causal_loss"]:.3f} nats/token after '
              f'{summary["step"]} steps; unigram entropy of the corpus '
              f'{summary["unigram_entropy"]:.3f} nats/token')
+  out = {'pretrain': summary}
+
+  common.log(f'\n== supervised fine-tuning (configs/sft.py:quick) in {workdir / "sft"}')
+  tuning = sft_config.get_config('quick')
+  tuning.train.max_minutes = MAX_SFT_MINUTES
+  tuning.data.seq_len = min(tuning.data.seq_len, config.data.seq_len)
+  result = sft.finetune(tuning, workdir / 'sft', workdir / 'pretrain')
+  if not result.get('interrupted'):
+    losses = result['eval']['heldout_assistant_loss']
+    common.log('held-out loss on assistant tokens: ' +
+               ', '.join(f'{k} {v:.3f}' for k, v in losses.items()))
+    by_k = result['eval'].get('word_problems_by_k', {})
+    common.log('word problems solved (greedy), by number of steps: ' +
+               ', '.join(f'k={k}: {r["correct"]}/{r["total"]}' for k, r in by_k.items()))
+    common.log('\n== a conversation with the fine-tuned model (greedy)')
+    session = chat.load_session(workdir / 'sft', temperature=0.0, max_new_tokens=48)
+    for text in CONVERSATION:
+      common.log(f'user> {text}')
+      common.log(f'assistant> {session.reply(text)}')
+    out['sft'] = result
   if jax.process_index() == 0:
-    (workdir / 'pipeline.json').write_text(json.dumps({'pretrain': summary}, indent=2))
+    (workdir / 'pipeline.json').write_text(json.dumps(out, indent=2))
+  common.log(f'\nnext: python -m experiments.chat --workdir={workdir / "sft"}')
 
 
 if __name__ == '__main__':

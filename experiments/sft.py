@@ -20,7 +20,6 @@ import time
 
 import jax
 import numpy as np
-from absl import flags
 from experiments import common
 from experiments import pretrain
 from research import chat
@@ -31,7 +30,6 @@ from research import model as model_lib
 from research import objectives as objectives_lib
 from research import sampling
 
-INIT = flags.DEFINE_string('init', None, 'Finished pretraining workdir (overrides config.init).')
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 
 
@@ -246,7 +244,7 @@ def report(main: dict, twin: dict | None, config: dict) -> str:
 
 def main(config, workdir):
   common.maybe_initialize_distributed()
-  init = INIT.value or config.init
+  init = config.init
   if not init:
     raise common.UserError('no init workdir: pass --init=runs/pretrain (a finished pretraining run)')
   workdir = pathlib.Path(workdir)
