@@ -1,0 +1,498 @@
+"""Reward model: an SFT (or pretrained) Transformer + a scalar head, trained on preferences.
+
+  python -m experiments.reward_model --config=configs/reward_model.py:hh \
+      --init=runs/sft --workdir=runs/reward_model
+
+Starts from the init workdir's params, config and tokenizer (the Orbax handoff) with a
+fresh scalar head (`reward_model.with_scalar_head`), and trains it with the
+Bradley-Terry loss (`reward_model.make_reward_train_step`) through the same sharded
+jitted step, checkpoints and resume as the other stages. Pairs come from hh-rlhf or a
+JSONL file (research/preferences.py), whole prompts held out; each side is the chat
+rendering of prompt + reply, cut from the left, scored at its last token.
+
+Batches are a seeded shuffle of the training pairs, one permutation per epoch: step s
+reads positions [s·B, (s+1)·B) of the endless sequence of epochs, so resuming needs
+only the step (the position is also saved in each checkpoint's meta).
+
+After training: held-out pairwise accuracy (95 % Wilson interval), mean margin, score
+mean/std, and the score offset (mean score on the training pairs, `reward_model.
+score_offset`), which is saved in the final checkpoint's meta and summary.json. The
+workdir is a stage: `load_reward_model(workdir)` -> (params, cfg, tokenizer, offset).
+"""
+import copy
+import functools
+import hashlib
+import json
+import pathlib
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import flags
+from experiments import common
+from experiments import pretrain
+from research import checkpoint as checkpoint_lib
+from research import evaluation
+from research import flops as flops_lib
+from research import model as model_lib
+from research import preferences
+from research import reward_model
+from research import train_step as train_lib
+
+SUMMARY_FILE = 'summary.json'
+REPORT_FILE = 'report.md'
+
+
+# ----------------------------------------------------------------------------
+# Config and data.
+
+
+def _merge(base: dict, over: dict) -> dict:
+  out = copy.deepcopy(base)
+  for k, v in over.items():
+    out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+def resolve_config(config) -> dict:
+  """A plain dict: `config` (ConfigDict or dict, possibly partial) over the preset's defaults."""
+  from configs import reward_model as rm_config  # pylint: disable=g-import-not-at-top
+  config = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  return _merge(rm_config.get_config(config.get('preset', 'hh')).to_dict(), config)
+
+
+def load_pairs(dc: dict, seed: int) -> tuple[list, list, dict]:
+  """(train pairs, held-out pairs, stats) from config['data'] (source hh_rlhf | jsonl)."""
+  source = dc['source']
+  stats = {'source': source}
+  if source == 'hh_rlhf':
+    path = pathlib.Path(dc['path']) if dc['path'] else preferences.HH_RLHF
+    if not path.exists():
+      raise common.UserError(f'{path}: no such file (hh-rlhf pairs; set --config.data.path)')
+    pairs = preferences.hh_rlhf(path)
+    stats['skipped'] = dict(pairs.skipped)
+  elif source == 'jsonl':
+    if not dc['path']:
+      raise common.UserError('data.source=jsonl needs --config.data.path=FILE.jsonl')
+    path = pathlib.Path(dc['path'])
+    if not path.exists():
+      raise common.UserError(f'{path}: no such file (data.path)')
+    pairs, problems = preferences.jsonl_pairs(path, on_error=dc['on_error'])
+    for p in problems:
+      common.log(f'skipped: {p}')
+    stats['skipped'] = {'malformed': len(problems)}
+  else:
+    raise common.UserError(f'data.source={source!r}: expected "hh_rlhf" or "jsonl"')
+  stats['path'] = str(path)
+  stats['read'] = len(pairs)
+  if dc['max_pairs']:
+    pairs = pairs[:dc['max_pairs']]
+  if not pairs:
+    raise common.UserError(f'{path}: no usable preference pairs')
+  train, held = preferences.split_pairs(pairs, dc['heldout_fraction'], seed)
+  return list(train), list(held), stats
+
+
+def _arrays(d) -> dict:
+  """The four pair arrays of a tokenised dict (anything else in it is ignored)."""
+  if d is None:
+    return None
+  return {k: np.asarray(d[k], np.int32) for k in preferences.ARRAY_KEYS}
+
+
+def fingerprint(arrays) -> str:
+  h = hashlib.sha256()
+  for d in arrays:
+    for k in preferences.ARRAY_KEYS:
+      if d is not None:
+        h.update(np.ascontiguousarray(d[k]).tobytes())
+  return h.hexdigest()[:16]
+
+
+def _fit(arrays: dict, width: int) -> dict:
+  """Arrays cut or padded to `width` columns (a caller's arrays may be narrower/wider)."""
+  out = dict(arrays)
+  for side in ('chosen', 'rejected'):
+    tokens, lengths = arrays[f'{side}_tokens'], arrays[f'{side}_lengths']
+    if tokens.shape[1] > width:
+      if int(lengths.max(initial=0)) > width:
+        raise common.UserError(f'pairs have {side} sequences of {int(lengths.max())} tokens, '
+                               f'more than data.seq_len={width}')
+      tokens = tokens[:, :width]
+    out[f'{side}_tokens'] = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Batches and scoring.
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+  """Pair indices of step `step`: positions [step·B, (step+1)·B) of the epoch sequence."""
+  out, pos = [], step * batch_size
+  while len(out) < batch_size:
+    epoch, offset = divmod(pos, n)
+    take = min(batch_size - len(out), n - offset)
+    out.extend(_epoch_order(n, seed, epoch)[offset:offset + take])
+    pos += take
+  return np.asarray(out, np.int64)
+
+
+def take(arrays: dict, idx) -> dict:
+  return {k: v[idx] for k, v in arrays.items()}
+
+
+def make_score_fn(model):
+  """jitted (params, batch) -> (chosen scores, rejected scores)."""
+  return jax.jit(lambda params, batch: reward_model.pair_scores(params, model, batch))
+
+
+def score_pairs(score_fn, params, arrays: dict, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Scores of every pair, in fixed-size batches (the last padded), as float numpy."""
+  n = preferences.num_pairs(arrays)
+  chosen, rejected = [], []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size)
+    idx = np.where(idx < n, idx, 0)  # pad the last batch with pair 0 (dropped below)
+    c, r = jax.device_get(score_fn(params, take(arrays, idx)))
+    keep = min(batch_size, n - start)
+    chosen.append(np.asarray(c[:keep], np.float64))
+    rejected.append(np.asarray(r[:keep], np.float64))
+  if not chosen:
+    return np.zeros([0]), np.zeros([0])
+  return np.concatenate(chosen), np.concatenate(rejected)
+
+
+def pair_metrics(chosen: np.ndarray, rejected: np.ndarray) -> dict:
+  """Accuracy (r_c > r_r) with its 95 % Wilson interval, ties, margin, loss, score stats."""
+  n = int(len(chosen))
+  if n == 0:
+    return dict(n=0, accuracy=None, interval=None, correct=0, ties=0, margin=None, loss=None,
+                score_mean=None, score_std=None)
+  margin = chosen - rejected
+  correct = int(np.sum(margin > 0))
+  both = np.concatenate([chosen, rejected])
+  return dict(n=n, accuracy=correct / n, interval=list(evaluation.wilson_interval(correct, n)),
+              correct=correct, ties=int(np.sum(margin == 0)), margin=float(np.mean(margin)),
+              loss=float(np.mean(np.logaddexp(0.0, -margin))),
+              score_mean=float(np.mean(both)), score_std=float(np.std(both)))
+
+
+def longer_wins(arrays: dict) -> float | None:
+  """Accuracy of "the longer sequence is preferred" (ties 1/2): a length-bias baseline."""
+  n = preferences.num_pairs(arrays)
+  if not n:
+    return None
+  c, r = arrays['chosen_lengths'], arrays['rejected_lengths']
+  return float(np.mean(np.where(c > r, 1.0, np.where(c == r, 0.5, 0.0))))
+
+
+# ----------------------------------------------------------------------------
+# Training.
+
+
+def _prepare(config: dict, workdir: pathlib.Path, init_workdir, pairs):
+  """Init params with a head, model config, tokenizer, (train, held-out) arrays, data stats."""
+  init_params, init_config, tokenizer = checkpoint_lib.load_stage(init_workdir)
+  config['model'] = dict(init_config['model'], scalar_head=True)
+  config['tokenizer'] = dict(init_config.get('tokenizer', {}), path=str(init_workdir))
+  config['init'] = str(init_workdir)
+  dc = config['data']
+  if dc['seq_len'] > config['model']['max_len']:
+    raise common.UserError(f'data.seq_len={dc["seq_len"]} exceeds the init model\'s max_len '
+                           f'{config["model"]["max_len"]}')
+  if pairs is not None:
+    train_arrays, held_arrays = (_arrays(x) for x in pairs)
+    train_arrays = _fit(train_arrays, dc['seq_len'])
+    held_arrays = _fit(held_arrays, dc['seq_len']) if held_arrays is not None else None
+    dc['source'] = 'arrays'
+    dc['pairs_fingerprint'] = fingerprint((train_arrays, held_arrays))
+    stats = {'source': 'arrays'}
+  else:
+    try:
+      train_pairs, held_pairs, stats = load_pairs(dc, config['seed'])
+      t0 = time.time()
+      train_arrays = preferences.tokenize_pairs(tokenizer, train_pairs, dc['seq_len'])
+      held_arrays = preferences.tokenize_pairs(tokenizer, held_pairs, dc['seq_len'])
+    except preferences.PreferenceError as e:
+      raise common.UserError(str(e)) from None
+    stats.update(train_pairs=len(train_pairs), heldout_pairs=len(held_pairs),
+                 dropped_after_truncation=train_arrays.counts['dropped']
+                 + held_arrays.counts['dropped'],
+                 truncated=train_arrays.counts['truncated'] + held_arrays.counts['truncated'],
+                 tokenize_seconds=time.time() - t0)
+    train_arrays, held_arrays = _arrays(train_arrays), _arrays(held_arrays)
+  stats['train'] = preferences.num_pairs(train_arrays)
+  stats['heldout'] = preferences.num_pairs(held_arrays)
+  if not stats['train']:
+    raise common.UserError('no training pairs left after filtering (check data.* and '
+                           'data.heldout_fraction)')
+  model_cfg = model_lib.TransformerConfig.from_dict(config['model'])
+  head_std = config['train'].get('head_std', -1.0)
+  params, head_cfg = reward_model.with_scalar_head(
+      init_params, model_lib.TransformerConfig.from_dict(init_config['model']),
+      jax.random.key(config['seed']), std=None if head_std is None or head_std < 0 else head_std)
+  assert head_cfg == model_cfg, (head_cfg, model_cfg)
+  return params, model_cfg, tokenizer, train_arrays, held_arrays, stats
+
+
+def train(config, workdir, init_workdir, pairs=None) -> dict:
+  """Trains (or resumes) a reward model in `workdir` from `init_workdir`'s params.
+
+  Args:
+    config: configs/reward_model.py's config (ConfigDict or dict; missing keys take the
+      preset's defaults).
+    workdir: this run's folder (resumed when it holds a checkpoint).
+    init_workdir: a finished SFT / pretraining workdir (params, config, tokenizer).
+    pairs: optional (train arrays, held-out arrays or None), dicts as returned by
+      `preferences.tokenize_pairs` / `pairs_from_token_lists`; default: the pairs named
+      by config['data'].
+
+  Returns:
+    The summary (also written to summary.json, with report.md): steps, train_accuracy,
+    train {...}, heldout {accuracy, interval, margin, n, loss, score_mean, score_std,
+    ...}, heldout_before, baselines, offset, data, minutes, interrupted.
+  """
+  t0 = time.time()
+  config = resolve_config(config)
+  workdir = pathlib.Path(workdir)
+  params0, model_cfg, tokenizer, train_arrays, held_arrays, stats = _prepare(
+      config, workdir, init_workdir, pairs)
+  saved = checkpoint_lib.load_config(workdir)
+  if saved is not None:
+    checkpoint_lib.check_same_model(saved, config, workdir, keys=('model', 'tokenizer', 'data'))
+    if saved.get('init') and (pathlib.Path(saved['init']).resolve()
+                              != pathlib.Path(init_workdir).resolve()):
+      raise checkpoint_lib.CheckpointError(
+          f'workdir {workdir} was started from --init={saved["init"]}, not {init_workdir}: '
+          'use a new --workdir')
+  dc, tc, ec = config['data'], config['train'], config['eval']
+  mesh = common.make_mesh(config['mesh']['shape'])
+  model = model_lib.Transformer(model_cfg)
+  tx, schedule = train_lib.make_optimizer(train_lib.OptimizerConfig(**config['optimizer']))
+  batch, width = dc['batch_size'], dc['seq_len']
+  shardings = train_lib.state_shardings(model, tx, mesh, batch, width)
+  step_fn = train_lib.jit_train_step(reward_model.make_reward_train_step(model, tx, schedule),
+                                     shardings, mesh)
+  score_fn = make_score_fn(model)
+
+  # Nothing is written before every check above has passed.
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    if saved is None:
+      checkpoint_lib.write_json_atomic(workdir / checkpoint_lib.CONFIG_FILE, config)
+    if not (workdir / checkpoint_lib.TOKENIZER_FILE).exists():
+      tokenizer.save(workdir / checkpoint_lib.TOKENIZER_FILE)
+
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=tc['keep_checkpoints'])
+  latest = ckpt.latest_step()
+  extra = {}  # carried in every checkpoint's meta
+  if latest is not None:
+    shapes = nn.unbox(train_lib.abstract_train_state(model, tx, 1, width)[0])
+    state, meta = ckpt.restore(latest, checkpoint_lib.abstract_like(shardings, shapes))
+    checkpoint_lib.check_tokenizer(meta, tokenizer, workdir)
+    extra = {k: meta[k] for k in ('heldout_before',) if k in meta}
+    common.log(f'resumed from step {latest}')
+  else:
+    state = train_lib.train_state_from_params(params0, tx, shardings, mesh)
+  del params0
+
+  n_train, n_held = stats['train'], stats['heldout']
+  counts = flops_lib.param_counts(model_cfg)
+  common.log(f'reward model: {counts["total"] / 1e6:.2f}M params from {init_workdir}; '
+             f'{n_train} train / {n_held} held-out pairs ({stats}); '
+             f'batch {batch} pairs × {width} tokens, mesh {dict(mesh.shape)}')
+  writer = common.MetricWriter(workdir)
+
+  def evaluate_heldout(params, step, prefix):
+    c, r = score_pairs(score_fn, params, held_arrays, ec['batch_size']) if n_held else ([], [])
+    m = pair_metrics(np.asarray(c), np.asarray(r))
+    if n_held:
+      writer.write(step, {k: v for k, v in m.items() if isinstance(v, (int, float))},
+                   prefix=prefix)
+    return m
+
+  if latest is None and ec['before'] and n_held:
+    extra['heldout_before'] = evaluate_heldout(state.params, 0, 'eval_before/')
+    common.log(f'held-out accuracy with the untrained head: '
+               f'{extra["heldout_before"]["accuracy"]:.3f}')
+
+  def meta(step, **more):
+    return dict(step=step, seed=config['seed'], tokenizer_fingerprint=tokenizer.fingerprint,
+                position=step * batch, epoch=step * batch / n_train, config=config,
+                **extra, **more)
+
+  stop = pretrain._Stop()  # pylint: disable=protected-access
+  first_step = step = int(state.step)
+  progress = common.Progress(tc['steps'], first_step)
+  deadline = time.time() + 60 * tc['max_minutes'] if tc['max_minutes'] > 0 else None
+  rng = jax.random.key(config['seed'])
+  last_train, t_last, steps_since = {}, time.time(), 0
+  train_seconds = 0.0
+  try:
+    while step < tc['steps']:
+      t_step = time.time()
+      state, metrics = step_fn(state, take(train_arrays, batch_indices(n_train, batch, step,
+                                                                       config['seed'])), rng)
+      step += 1
+      steps_since += 1
+      if step % tc['log_every'] == 0 or step == tc['steps'] or step == first_step + 1:
+        metrics = jax.device_get(metrics)
+        now = time.time()
+        metrics['pairs_per_second'] = batch * steps_since / max(now - t_last, 1e-9)
+        metrics['epoch'] = step * batch / n_train
+        last_train = {k: float(v) for k, v in metrics.items()}
+        writer.write(step, metrics, prefix='train/')
+        progress.update(step, f'loss {metrics["loss"]:.3f} acc {metrics["accuracy"]:.3f} '
+                        f'{metrics["pairs_per_second"]:.1f} pairs/s')
+        t_last, steps_since = now, 0
+      train_seconds += time.time() - t_step
+      if tc['eval_every'] and step % tc['eval_every'] == 0 and step < tc['steps'] and n_held:
+        m = evaluate_heldout(state.params, step, 'eval/')
+        common.log(f'\nstep {step}: held-out accuracy {m["accuracy"]:.3f} '
+                   f'margin {m["margin"]:.3f}')
+      if step % tc['checkpoint_every'] == 0 and step < tc['steps']:
+        ckpt.save(step, state, None, meta(step))
+      if stop.requested or (deadline and time.time() > deadline):
+        break
+    interrupted = step < tc['steps']
+    if interrupted and ckpt.latest_step() != step:
+      ckpt.save(step, state, None, meta(step))  # save first: evaluation can wait
+      ckpt.wait()
+
+    heldout = evaluate_heldout(state.params, step, 'eval/')
+    n_offset = n_train if not ec['train_pairs'] else min(ec['train_pairs'], n_train)
+    offset_idx = np.sort(np.random.default_rng([config['seed'], 1 << 20]).permutation(
+        n_train)[:n_offset])
+    c, r = score_pairs(score_fn, state.params, take(train_arrays, offset_idx), ec['batch_size'])
+    train_m = pair_metrics(c, r)
+    offset = float(reward_model.score_offset(np.concatenate([c, r])))
+    writer.write(step, dict(train_accuracy=train_m['accuracy'], offset=offset), prefix='eval/')
+    if ckpt.latest_step() != step:
+      ckpt.save(step, state, None, meta(step, offset=offset, offset_pairs=n_offset))
+    ckpt.wait()
+  finally:
+    stop.restore()
+    ckpt.close()
+  writer.close()
+
+  summary = dict(
+      steps=step, interrupted=interrupted, train_accuracy=train_m['accuracy'], train=train_m,
+      heldout=heldout, heldout_before=extra.get('heldout_before'),
+      baselines=dict(longer_wins=longer_wins(held_arrays), chance=0.5),
+      offset=offset, offset_pairs=n_offset, final_train_metrics=last_train, data=stats,
+      params=counts, init=str(init_workdir), batch_size=batch, seq_len=width,
+      train_seconds=train_seconds, minutes=(time.time() - t0) / 60)
+  if jax.process_index() == 0:
+    checkpoint_lib.write_json_atomic(workdir / SUMMARY_FILE, summary)
+    (workdir / REPORT_FILE).write_text(report(summary, config))
+  return summary
+
+
+def report(summary: dict, config: dict) -> str:
+  """A short markdown report of a finished (or interrupted) run."""
+  def acc(m):
+    if not m or m.get('accuracy') is None:
+      return 'n/a'
+    lo, hi = m['interval']
+    return f'{m["accuracy"]:.3f} [{lo:.3f}, {hi:.3f}] ({m["correct"]}/{m["n"]})'
+  h, data = summary['heldout'], summary['data']
+  oc = config['optimizer']
+  lines = [
+      '# Reward model', '',
+      f'- init: `{summary["init"]}` ({summary["params"]["total"] / 1e6:.2f}M parameters + '
+      'a scalar head)',
+      f'- data: {data.get("source")} `{data.get("path", "(arrays)")}`: {data["train"]} train / '
+      f'{data["heldout"]} held-out pairs (held out by prompt)'
+      + (f'; skipped {data["skipped"]}' if data.get('skipped') else '')
+      + (f'; {data["truncated"]} pairs cut from the left to {summary["seq_len"]} tokens'
+         if data.get('truncated') is not None else ''),
+      f'- training: {summary["steps"]} steps × {summary["batch_size"]} pairs '
+      f'({summary["steps"] * summary["batch_size"] / max(data["train"], 1):.1f} epochs), '
+      f'lr {oc["learning_rate"]:g}, {summary["minutes"]:.1f} min in all'
+      + (' (interrupted)' if summary['interrupted'] else ''), '',
+      '| held-out pairs | accuracy, 95 % Wilson interval | mean margin | loss |',
+      '|---|---|---|---|',
+  ]
+  for name, m in (('trained', h), ('untrained head', summary.get('heldout_before'))):
+    if m and m.get('n'):
+      lines.append(f'| {name} | {acc(m)} | {m["margin"]:.3f} | {m["loss"]:.3f} |')
+  lw = summary['baselines']['longer_wins']
+  lines += ['',
+            f'Baselines: chance 0.5; "the longer sequence wins" '
+            f'{"n/a" if lw is None else f"{lw:.3f}"} on the same held-out pairs.',
+            f'Training pairs ({summary["offset_pairs"]} scored): accuracy '
+            f'{acc(summary["train"])}; score offset (mean score) {summary["offset"]:.4f}, '
+            f'score std {summary["train"]["score_std"]:.3f}.']
+  return '\n'.join(lines) + '\n'
+
+
+# ----------------------------------------------------------------------------
+# The stage handoff.
+
+
+def load_reward_model(workdir) -> tuple[dict, model_lib.TransformerConfig, object, float]:
+  """(params, cfg with scalar_head=True, tokenizer, score offset) of a trained reward model.
+
+  Subtract the offset from scores (`reward_model.normalized`) to centre them on the
+  training pairs. Raises CheckpointError for a workdir that is not a finished reward
+  model.
+  """
+  workdir = pathlib.Path(workdir)
+  params, config, tokenizer = checkpoint_lib.load_stage(workdir)
+  cfg = model_lib.TransformerConfig.from_dict(config['model'])
+  if not cfg.scalar_head:
+    raise checkpoint_lib.CheckpointError(f'{workdir}: not a reward model (model.scalar_head is '
+                                         'false)')
+  ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    meta = ckpt.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
+  finally:
+    ckpt.close()
+  offset = meta.get('offset')
+  if offset is None:
+    raise checkpoint_lib.CheckpointError(
+        f'{workdir}: checkpoint {step} has no score offset (training did not finish: run it '
+        'again to resume)')
+  return params, cfg, tokenizer, float(offset)
+
+
+# ----------------------------------------------------------------------------
+# CLI.
+
+
+def _flag(name):
+  return flags.FLAGS[name].value if name in flags.FLAGS else None
+
+
+def main(config, workdir):
+  common.maybe_initialize_distributed()
+  init = _flag('init') or config.init
+  if not init:
+    raise common.UserError('no init workdir: pass --init=runs/sft (a finished SFT or '
+                           'pretraining run)')
+  if not (pathlib.Path(init) / checkpoint_lib.CONFIG_FILE).exists():
+    raise common.UserError(f'--init={init}: no {checkpoint_lib.CONFIG_FILE} there; is it a '
+                           'finished run folder?')
+  try:
+    summary = train(config, workdir, init)
+  except preferences.PreferenceError as e:
+    raise common.UserError(str(e)) from None
+  common.log('\n' + (pathlib.Path(workdir) / REPORT_FILE).read_text())
+  common.log(json.dumps({k: summary[k] for k in ('steps', 'offset', 'minutes')}))
+
+
+if __name__ == '__main__':
+  # Defined here, not at import: experiments.rlhf (and sft) import this module and
+  # define their own --init.
+  flags.DEFINE_string('init', None, 'Finished SFT / pretraining workdir (overrides config.init).')
+  common.run_experiment(main, 'configs/reward_model.py:hh', 'runs/reward_model')

@@ -1,0 +1,148 @@
+"""The reward-model stage end to end on a tiny model: learns a separable preference from
+JSONL pairs, loads back as a stage with the same scores, resumes, trains on given arrays,
+and its CLI errors are one line."""
+import json
+import pathlib
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import pretrain as pretrain_config
+from configs import reward_model as rm_config
+from experiments import common
+from experiments import pretrain
+from experiments import reward_model as rm_experiment
+from research import checkpoint as checkpoint_lib
+from research import model as model_lib
+from research import preferences
+from tests.test_pretrain import WORDS, write_corpus
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _set(config, **values):
+  for name, value in values.items():
+    common.apply_override(config, name.replace('__', '.'), str(value))
+  return config
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  root = tmp_path_factory.mktemp('rm')
+  config = _set(pretrain_config.get_config('tiny'), data__corpus=write_corpus(root / 'corpus'),
+                data__seq_len=64, data__batch_size=8, tokenizer__vocab_size=512,
+                model__d_model=32, model__num_layers=1, model__num_heads=2, train__steps=2,
+                train__eval_every=0, train__eval_batches=1, train__checkpoint_every=100,
+                train__num_samples=0, optimizer__warmup_steps=1)
+  pretrain.train(config, root / 'pretrain')
+  return root / 'pretrain'
+
+
+def write_pairs(path: pathlib.Path, n: int, seed=0) -> pathlib.Path:
+  """Separable pairs: every chosen reply ends "good good", every rejected one "bad bad"."""
+  rng = random.Random(seed)
+  words = lambda k: ' '.join(rng.choice(WORDS) for _ in range(k))
+  with open(path, 'w') as f:
+    for i in range(n):
+      prompt = f'{words(rng.randint(2, 6))} {i}?'
+      f.write(json.dumps(dict(prompt=prompt, chosen=f'{words(rng.randint(1, 4))} good good',
+                              rejected=f'{words(rng.randint(1, 4))} bad bad')) + '\n')
+  return path
+
+
+def rm_config_for(path, steps=40):
+  return _set(rm_config.get_config('test'), data__path=path, train__steps=steps,
+              data__seq_len=48, data__batch_size=16, optimizer__learning_rate=3e-3,
+              optimizer__warmup_steps=4, data__heldout_fraction=0.25, train__log_every=5,
+              train__checkpoint_every=20)
+
+
+def test_reward_model_learns_separable_pairs_loads_back_and_resumes(pretrained, tmp_path):
+  data = write_pairs(tmp_path / 'pairs.jsonl', 200)
+  config = rm_config_for(data)
+  summary = rm_experiment.train(config, tmp_path / 'rm', pretrained)
+  h = summary['heldout']
+  assert summary['steps'] == 40 and not summary['interrupted']
+  assert h['n'] == 50 and summary['data']['train'] == 150
+  assert h['accuracy'] > 0.9, summary
+  assert h['interval'][0] < h['accuracy'] < h['interval'][1] or h['accuracy'] == 1.0
+  assert summary['train_accuracy'] > 0.9
+  assert summary['heldout_before']['n'] == 50
+  written = json.loads((tmp_path / 'rm' / 'summary.json').read_text())
+  assert written['offset'] == pytest.approx(summary['offset'])
+  assert 'Wilson' in (tmp_path / 'rm' / 'report.md').read_text()
+  rows = [json.loads(l) for l in (tmp_path / 'rm' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if 'train/loss' in r] == [1, 5, 10, 15, 20, 25, 30, 35, 40]
+
+  # The workdir is a stage: params with a scalar head, config, tokenizer, offset.
+  params, cfg, tokenizer, offset = rm_experiment.load_reward_model(tmp_path / 'rm')
+  assert cfg.scalar_head and params['scalar_head'].shape == (cfg.d_model, 1)
+  assert offset == pytest.approx(summary['offset'])
+  _, saved, _ = checkpoint_lib.load_stage(tmp_path / 'rm')
+  assert saved['model']['scalar_head'] and saved['init'] == str(pretrained)
+  # Same held-out scores from the loaded params (the same prompt-disjoint split).
+  resolved = rm_experiment.resolve_config(config)
+  _, held, _ = rm_experiment.load_pairs(resolved['data'], resolved['seed'])
+  arrays = preferences.tokenize_pairs(tokenizer, held, 48)
+  score_fn = rm_experiment.make_score_fn(model_lib.Transformer(cfg))
+  c, r = rm_experiment.score_pairs(score_fn, params, arrays, 32)
+  again = rm_experiment.pair_metrics(c, r)
+  assert again['accuracy'] == h['accuracy']
+  assert again['margin'] == pytest.approx(h['margin'], rel=1e-4, abs=1e-5)
+
+  # A second call resumes the finished run: no training, the same figures.
+  resumed = rm_experiment.train(config, tmp_path / 'rm', pretrained)
+  assert resumed['steps'] == 40
+  assert resumed['heldout']['margin'] == pytest.approx(h['margin'], rel=1e-4, abs=1e-5)
+  assert resumed['offset'] == pytest.approx(summary['offset'], rel=1e-4, abs=1e-5)
+  rows_after = (tmp_path / 'rm' / 'metrics.jsonl').read_text().splitlines()
+  assert not [l for l in rows_after[len(rows):] if 'train/loss' in l]
+
+  # A different model config is refused, not overwritten.
+  with pytest.raises(checkpoint_lib.CheckpointError, match='different model'):
+    rm_experiment.train(_set(rm_config_for(data), data__seq_len=40), tmp_path / 'rm', pretrained)
+
+  # Given arrays (what the RLHF stage passes) train the same way; a run stopped early saves,
+  # and the next call finishes it from where it stopped.
+  tok = checkpoint_lib.load_tokenizer(pretrained)
+  lists = lambda side: [tok.encode(f'x {i} {side}') for i in range(48)]
+  given = preferences.pairs_from_token_lists(lists('good good'), lists('bad bad'), 48)
+  split = ({k: v[:40] for k, v in given.items()}, {k: v[40:] for k, v in given.items()})
+  short = lambda steps: _set(rm_config_for(data, steps=steps), eval__before=False)
+  part = rm_experiment.train(short(4), tmp_path / 'arrays', pretrained, pairs=split)
+  assert part['steps'] == 4 and part['heldout']['n'] == 8
+  done = rm_experiment.train(short(8), tmp_path / 'arrays', pretrained, pairs=split)
+  assert done['steps'] == 8 and done['data']['source'] == 'arrays'
+
+
+def test_batches_are_seeded_epochs_and_resumable():
+  steps = [rm_experiment.batch_indices(10, 4, s, seed=3) for s in range(5)]
+  flat = np.concatenate(steps)
+  assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+  assert not np.array_equal(flat[:10], flat[10:20])  # a new permutation each epoch
+  np.testing.assert_array_equal(rm_experiment.batch_indices(10, 4, 3, seed=3), steps[3])
+  assert len(rm_experiment.batch_indices(3, 8, 0, seed=0)) == 8  # fewer pairs than a batch
+
+
+def test_cli_errors_are_one_line(pretrained, tmp_path):
+  good = write_pairs(tmp_path / 'good.jsonl', 4)
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text(good.read_text() + '{"prompt": "hi", "chosen": "a"}\n')
+  cases = [
+      ([], 'no init workdir'),
+      ([f'--init={tmp_path / "missing"}'], 'missing'),
+      ([f'--init={pretrained}', f'--config.data.path={tmp_path / "nope.jsonl"}'], 'nope.jsonl'),
+      ([f'--init={pretrained}', f'--config.data.path={bad}'], 'bad.jsonl:5'),
+      ([f'--init={pretrained}', f'--config.data.path={good}', '--config.data.seq_len=1'],
+       'no training pairs'),
+  ]
+  for args, expected in cases:
+    out = subprocess.run([sys.executable, '-m', 'experiments.reward_model',
+                          '--config=configs/reward_model.py:test', f'--workdir={tmp_path / "w"}',
+                          *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.count('\n') == 1 and expected in out.stderr, out.stderr
+  assert not (tmp_path / 'w').exists()
