@@ -292,7 +292,7 @@ def run_training(setup: Setup, workdir, objective, mesh, *, fresh_config: bool,
                  unigram_entropy=unigram_entropy(setup.train_rows, tokenizer.vocab_size),
                  params=counts, flops_per_token=flops_per_token,
                  samples=[p + s for p, s in zip(prompts, samples)],
-                 interrupted=step < tc['steps'])
+                 interrupted=step < tc['steps'], stopped_by_signal=stop.requested)
   if jax.process_index() == 0:
     checkpoint_lib.write_json_atomic(workdir / 'summary.json', summary)
   return summary, state.params

@@ -194,8 +194,9 @@ def finetune(config, workdir, init_workdir) -> dict:
   summary, params = pretrain.run_training(
       setup, workdir, objectives_lib.get_objective('supervised'), mesh,
       fresh_config=saved is None, init_params=init_params, sample_prompts=())
-  if summary['interrupted']:  # a signal or train.max_minutes: saved; evaluate on resume
+  if summary['stopped_by_signal']:  # saved; evaluated when the run is resumed
     return dict(train=summary, interrupted=True)
+  # Stopped by train.max_minutes (the main job's time box): evaluated as it is.
   result = dict(train=summary, packing=stats,
                 eval=evaluate(params, setup.model_cfg, tokenizer, config, held, problems),
                 format=config['data']['word_problems']['format'],
