@@ -14,11 +14,11 @@ import ml_collections
 
 PRESETS = {
     'hh': dict(source='hh_rlhf', steps=300, batch=16, seq_len=256, lr=2e-4, warmup=30,
-               checkpoint_every=100, eval_train_pairs=512),
+               checkpoint_every=100, eval_every=100, eval_train_pairs=512),
     'jsonl': dict(source='jsonl', steps=300, batch=16, seq_len=256, lr=2e-4, warmup=30,
-                  checkpoint_every=100, eval_train_pairs=512),
+                  checkpoint_every=100, eval_every=100, eval_train_pairs=512),
     'test': dict(source='jsonl', steps=4, batch=8, seq_len=64, lr=1e-3, warmup=1,
-                 checkpoint_every=100, eval_train_pairs=64),
+                 checkpoint_every=100, eval_every=0, eval_train_pairs=64),
 }
 
 
@@ -50,7 +50,7 @@ def get_config(arg: str = 'hh') -> ml_collections.ConfigDict:
   c.train.steps = p['steps']
   c.optimizer.total_steps = c.train.get_ref('steps')
   c.train.log_every = 10
-  c.train.eval_every = 0  # held-out accuracy every N steps (0: only at the end)
+  c.train.eval_every = p['eval_every']  # held-out accuracy every N steps (0: only at the end)
   c.train.checkpoint_every = p['checkpoint_every']
   c.train.keep_checkpoints = 2
   c.train.max_minutes = 0.0  # 0: no wall-clock limit; >0 stops (and saves) early

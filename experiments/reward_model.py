@@ -30,7 +30,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import flags
 from experiments import common
 from experiments import pretrain
 from research import checkpoint as checkpoint_lib
@@ -470,13 +469,9 @@ def load_reward_model(workdir) -> tuple[dict, model_lib.TransformerConfig, objec
 # CLI.
 
 
-def _flag(name):
-  return flags.FLAGS[name].value if name in flags.FLAGS else None
-
-
 def main(config, workdir):
   common.maybe_initialize_distributed()
-  init = _flag('init') or config.init
+  init = config.init  # --init=WORKDIR is short for --config.init (experiments.common)
   if not init:
     raise common.UserError('no init workdir: pass --init=runs/sft (a finished SFT or '
                            'pretraining run)')
@@ -492,7 +487,4 @@ def main(config, workdir):
 
 
 if __name__ == '__main__':
-  # Defined here, not at import: experiments.rlhf (and sft) import this module and
-  # define their own --init.
-  flags.DEFINE_string('init', None, 'Finished SFT / pretraining workdir (overrides config.init).')
   common.run_experiment(main, 'configs/reward_model.py:hh', 'runs/reward_model')

@@ -131,18 +131,24 @@ def test_cli_errors_are_one_line(pretrained, tmp_path):
   good = write_pairs(tmp_path / 'good.jsonl', 4)
   bad = tmp_path / 'bad.jsonl'
   bad.write_text(good.read_text() + '{"prompt": "hi", "chosen": "a"}\n')
-  cases = [
-      ([], 'no init workdir'),
-      ([f'--init={tmp_path / "missing"}'], 'missing'),
-      ([f'--init={pretrained}', f'--config.data.path={tmp_path / "nope.jsonl"}'], 'nope.jsonl'),
-      ([f'--init={pretrained}', f'--config.data.path={bad}'], 'bad.jsonl:5'),
-      ([f'--init={pretrained}', f'--config.data.path={good}', '--config.data.seq_len=1'],
-       'no training pairs'),
-  ]
-  for args, expected in cases:
+  # Through the command line: exit 2 and one line on stderr.
+  for args, expected in [([], 'no init workdir'),
+                         ([f'--init={pretrained}', f'--config.data.path={bad}'], 'bad.jsonl:5')]:
     out = subprocess.run([sys.executable, '-m', 'experiments.reward_model',
                           '--config=configs/reward_model.py:test', f'--workdir={tmp_path / "w"}',
                           *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.count('\n') == 1 and expected in out.stderr, out.stderr
+  # The other input errors are UserErrors too (what the command line prints as one line).
+  cases = [
+      (dict(init=str(tmp_path / 'missing')), 'missing'),
+      (dict(data__path=tmp_path / 'nope.jsonl'), 'nope.jsonl: no such file'),
+      (dict(data__path=good, data__seq_len=1), 'no training pairs'),  # all identical when cut
+      (dict(data__source='hh_rlhf', data__path=tmp_path / 'hh.jsonl.gz'), 'hh.jsonl.gz'),
+  ]
+  for values, expected in cases:
+    config = _set(rm_config.get_config('test'), **{'init': pretrained, **values})
+    with pytest.raises(common.UserError, match=expected) as e:
+      rm_experiment.main(config, tmp_path / 'w')
+    assert '\n' not in str(e.value)
   assert not (tmp_path / 'w').exists()
