@@ -136,6 +136,16 @@ def heldout_losses(params, cfg, tokenizer, held: dict, seq_len: int, batch_size:
   return out
 
 
+def majority_answer_share(problems) -> dict:
+  """Per k, the accuracy of always answering that k's most common answer: the floor a
+  model that ignores the question can reach."""
+  answers = collections.defaultdict(list)
+  for p in problems:
+    answers[p.k].append(p.answer)
+  return {int(k): collections.Counter(v).most_common(1)[0][1] / len(v)
+          for k, v in answers.items()}
+
+
 def evaluate(params, cfg, tokenizer, config, held, problems) -> dict:
   ec = config['eval']
   out = {'heldout_assistant_loss': heldout_losses(params, cfg, tokenizer, held,
@@ -152,6 +162,8 @@ def evaluate(params, cfg, tokenizer, config, held, problems) -> dict:
         int(k): dict(correct=int(sum(v)), total=len(v), accuracy=float(np.mean(v)),
                      interval=evaluation.wilson_interval(int(sum(v)), len(v)))
         for k, v in sorted(by_k.items())}
+    for k, share in majority_answer_share(test).items():
+      out['word_problems_by_k'][k]['majority_answer'] = share
   if 'gsm8k' in problems:
     items = [(e.conversation[:1], e.answer) for e in problems['gsm8k']]
     correct = answer_accuracy(params, cfg, tokenizer, items, ec)
@@ -222,15 +234,18 @@ def report(main: dict, twin: dict | None, config: dict) -> str:
     lines.append(f'| {source} | {loss:.3f} |{extra}')
   if 'word_problems_by_k' in main['eval']:
     lines += ['', '## Synthetic word problems: exact match of the final number (greedy)', '',
-              'k = number of arithmetic steps; 95 % Wilson intervals.', '',
-              '| k | ' + main['format'] + (' | ' + twin['format'] if twin else '') + ' |',
-              '|---|---|' + ('---|' if twin else '')]
+              'k = number of arithmetic steps; 95 % Wilson intervals; "most common answer" is '
+              'the accuracy of always giving the test set\'s most frequent answer for that k.',
+              '',
+              '| k | ' + main['format'] + (' | ' + twin['format'] if twin else '') +
+              ' | most common answer |',
+              '|---|---|' + ('---|' if twin else '') + '---|']
     def cell(r):
       lo, hi = r['interval']
       return f'{r["accuracy"]:.2f} [{lo:.2f}, {hi:.2f}] ({r["correct"]}/{r["total"]})'
     for k, r in main['eval']['word_problems_by_k'].items():
       extra = f' {cell(twin["eval"]["word_problems_by_k"][k])} |' if twin else ''
-      lines.append(f'| {k} | {cell(r)} |{extra}')
+      lines.append(f'| {k} | {cell(r)} |{extra} {r.get("majority_answer", float("nan")):.2f} |')
   if 'gsm8k' in main['eval']:
     g = main['eval']['gsm8k']
     lo, hi = g['interval']
