@@ -54,7 +54,7 @@ def main():
   late = [gaps[s] for s in steps if s >= steps[-1] * 2 // 3]
   for dtype, r in results.items():
     print(f'{dtype}: final validation loss {r["summary"]["validation"]["causal_loss"]:.4f}, '
-          f'{r["seconds"]:.0f} s (this call; 0 if reused)')
+          f'{r["seconds"]:.0f} s in this call (a finished run is only re-evaluated)')
   print(f'largest relative gap in training loss over {len(steps)} logged steps: '
         f'{max(gaps.values()):.4f}; over the last third: {max(late):.4f}')
   v32 = results['float32']['summary']['validation']['causal_loss']
