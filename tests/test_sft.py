@@ -106,20 +106,24 @@ def test_sft_lowers_heldout_assistant_loss_and_resumes(pretrained, tmp_path):
   assert bad.returncode == 2 and bad.stderr.count('\n') == 1, bad.stderr
 
 
-def test_sft_cli_errors_are_one_line(pretrained, tmp_path):
+def test_sft_input_errors(pretrained, tmp_path):
+  # In process: the exceptions run_experiment prints as one line.
+  config = sft_config.get_config('test')
+  with pytest.raises(common.UserError, match='no init workdir'):
+    sft.main(config, tmp_path / 'w')
+  config.init = str(tmp_path / 'missing')
+  with pytest.raises(checkpoint_lib.CheckpointError, match='missing'):
+    sft.main(config, tmp_path / 'w')
+  # Through the CLI: a malformed JSONL conversation is one line naming file and line.
   bad_jsonl = tmp_path / 'bad.jsonl'
   bad_jsonl.write_text('{"messages": [{"role": "user", "content": "hi"}, '
                        '{"role": "assistant", "content": "hello"}]}\n{"messages": [{"role": '
                        '"wizard", "content": "x"}]}\n')
-  cases = [
-      ([], 'no init workdir'),
-      ([f'--init={tmp_path / "missing"}'], 'missing'),
-      ([f'--init={pretrained / "pretrain"}', '--config.data.weights.jsonl=1.0',
-        f'--config.data.jsonl_path={bad_jsonl}', '--config.data.seq_len=192'], 'bad.jsonl:2'),
-  ]
-  for args, expected in cases:
-    out = subprocess.run([sys.executable, '-m', 'experiments.sft', '--config=configs/sft.py:test',
-                          f'--workdir={tmp_path / "w"}', *args],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.count('\n') == 1 and expected in out.stderr, out.stderr
+  out = subprocess.run([sys.executable, '-m', 'experiments.sft', '--config=configs/sft.py:test',
+                        f'--workdir={tmp_path / "w"}', f'--init={pretrained / "pretrain"}',
+                        '--config.data.weights.jsonl=1.0', f'--config.data.jsonl_path={bad_jsonl}',
+                        '--config.data.seq_len=192'],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.count('\n') == 1 and 'bad.jsonl:2' in out.stderr, out.stderr
+  assert not (tmp_path / 'w' / 'checkpoints').exists()  # nothing written before the checks
