@@ -6,7 +6,9 @@ evaluation.
 
 Presets:
   hh     (default) hh-rlhf harmless-base pairs from ../shared/data/hh-rlhf, 10 % of the
-         prompts held out, 300 steps of 16 pairs × 256 tokens
+         prompts held out, 300 steps of 16 pairs × 256 tokens (2.3 epochs). From the 4.2M
+         `tiny` pretraining run: 47 min on the shared 2-core CPU (load ~8), held-out
+         accuracy 0.574 [0.509, 0.636] on 230 pairs (0.570 at step 100, 0.596 at 200)
   jsonl  your own `{"prompt", "chosen", "rejected"}` lines: set --config.data.path
   test   seconds, for tests
 """
