@@ -31,6 +31,24 @@ def write_corpus(path: pathlib.Path, docs=60, seed=0) -> pathlib.Path:
   return path
 
 
+def tiny_pretrain_workdir(root: pathlib.Path, seq_len: int, d_model: int, num_layers: int,
+                          steps: int) -> pathlib.Path:
+  """A finished, seconds-long pretraining run in root/pretrain: the init a later stage's
+  tests start from."""
+  from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
+  from experiments import common, pretrain  # pylint: disable=g-import-not-at-top
+  config = pretrain_config.get_config('tiny')
+  for name, value in {
+      'data.corpus': write_corpus(root / 'corpus'), 'data.seq_len': seq_len,
+      'data.batch_size': 8, 'tokenizer.vocab_size': 512, 'model.d_model': d_model,
+      'model.num_layers': num_layers, 'model.num_heads': 2, 'train.steps': steps,
+      'train.eval_every': 0, 'train.eval_batches': 1, 'train.checkpoint_every': 100,
+      'train.num_samples': 0, 'optimizer.warmup_steps': 1}.items():
+    common.apply_override(config, name, str(value))
+  pretrain.train(config, root / 'pretrain')
+  return root / 'pretrain'
+
+
 def overrides(corpus, steps=12, **extra):
   flags = {
       'data.corpus': str(corpus), 'data.seq_len': 32, 'data.batch_size': 8,

@@ -10,15 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from configs import pretrain as pretrain_config
 from configs import reward_model as rm_config
 from experiments import common
-from experiments import pretrain
 from experiments import reward_model as rm_experiment
 from research import checkpoint as checkpoint_lib
 from research import model as model_lib
 from research import preferences
-from tests.test_pretrain import WORDS, write_corpus
+from tests.test_pretrain import WORDS, tiny_pretrain_workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,14 +29,8 @@ def _set(config, **values):
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
-  root = tmp_path_factory.mktemp('rm')
-  config = _set(pretrain_config.get_config('tiny'), data__corpus=write_corpus(root / 'corpus'),
-                data__seq_len=64, data__batch_size=8, tokenizer__vocab_size=512,
-                model__d_model=32, model__num_layers=1, model__num_heads=2, train__steps=2,
-                train__eval_every=0, train__eval_batches=1, train__checkpoint_every=100,
-                train__num_samples=0, optimizer__warmup_steps=1)
-  pretrain.train(config, root / 'pretrain')
-  return root / 'pretrain'
+  return tiny_pretrain_workdir(tmp_path_factory.mktemp('rm'), seq_len=64, d_model=32,
+                               num_layers=1, steps=2)
 
 
 def write_pairs(path: pathlib.Path, n: int, seed=0) -> pathlib.Path:

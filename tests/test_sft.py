@@ -8,16 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import pretrain as pretrain_config
 from configs import sft as sft_config
 from experiments import chat as chat_cli
 from experiments import common
-from experiments import pretrain
 from experiments import sft
 from research import checkpoint as checkpoint_lib
 from research import model as model_lib
 from research import objectives
-from tests.test_pretrain import write_corpus
+from tests.test_pretrain import tiny_pretrain_workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,12 +29,7 @@ def _set(config, **values):
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
   root = tmp_path_factory.mktemp('sft')
-  config = _set(pretrain_config.get_config('tiny'), data__corpus=write_corpus(root / 'corpus'),
-                data__seq_len=192, data__batch_size=8, tokenizer__vocab_size=512,
-                model__d_model=48, model__num_layers=2, model__num_heads=2, train__steps=6,
-                train__eval_every=0, train__eval_batches=1, train__checkpoint_every=100,
-                train__num_samples=0, optimizer__warmup_steps=1)
-  pretrain.train(config, root / 'pretrain')
+  tiny_pretrain_workdir(root, seq_len=192, d_model=48, num_layers=2, steps=6)
   return root
 
 
