@@ -7,6 +7,9 @@ Presets (parameters counted by research.flops.param_counts, at vocab shown):
          batch 8, GELU 4x, tied embeddings (89.7 MFLOP per trained token)
   base   12 layers, d 768, vocab 32768, T 1024  ~110M (85M non-embedding); GPU/TPU
   gpu    base in bfloat16 with a batch for one accelerator
+`small` and `bench` unroll their 6 layers (model.scan_layers=False): on a CPU a scanned
+stack copies every layer's saved activations into stacked buffers, ~10% of the step
+here; unrolling costs ~1 s more compile. Deep models keep the scan.
 Objective by name: causal | masked | prefix | span | hybrid, e.g. `configs/pretrain.py:tiny,masked`.
 """
 import ml_collections
@@ -15,9 +18,9 @@ PRESETS = {
     'tiny': dict(d_model=256, num_layers=4, num_heads=4, vocab=4096, seq_len=256, batch=8,
                  steps=300, lr=3e-3, warmup=30, eval_every=100),
     'small': dict(d_model=384, num_layers=6, num_heads=6, vocab=8192, seq_len=256, batch=16,
-                  steps=3000, lr=2e-3, warmup=200),
+                  steps=3000, lr=2e-3, warmup=200, scan_layers=False),
     'bench': dict(d_model=384, num_layers=6, num_heads=6, vocab=8192, seq_len=256, batch=8,
-                  steps=300, lr=2e-3, warmup=50),
+                  steps=300, lr=2e-3, warmup=50, scan_layers=False),
     'base': dict(d_model=768, num_layers=12, num_heads=12, vocab=32768, seq_len=1024, batch=64,
                  steps=20000, lr=6e-4, warmup=1000),
     'gpu': dict(d_model=768, num_layers=12, num_heads=12, vocab=32768, seq_len=1024, batch=32,
@@ -51,7 +54,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
       vocab_size=p['vocab'], d_model=p['d_model'], num_layers=p['num_layers'],
       num_heads=p['num_heads'], num_kv_heads=0, head_dim=0, mlp_dim=0, mlp='gelu',
       norm='rmsnorm', position='rope', max_len=p['seq_len'], rope_theta=10_000.0,
-      tie_embeddings=True, scalar_head=False, scan_layers=True, remat='none',
+      tie_embeddings=True, scalar_head=False, scan_layers=p.get('scan_layers', True),
+      remat='none',
       compute_dtype=p.get('compute_dtype', 'float32'), param_dtype='float32',
       attention_impl='auto', init_std=0.02))
   c.model.vocab_size = c.tokenizer.get_ref('vocab_size')

@@ -37,12 +37,13 @@ numbers in the benchmark's output and the commit message):
   plain versions' weight-gradient dots compile to convert + float32 Eigen dots.
 * XLA:CPU runs large 2-D dots on YNNPACK with both cores, but a batched dot whose
   matrices are small (attention: one (T x H) x (H x T) per batch element and head, T=256)
-  runs on ONE core at ~45-55 GFLOP/s (measured with getrusage: 1.0 threads), and
-  elementwise passes over score- or logit-sized arrays are memory bound (~13 GB/s).
-  Independent thunks are not run concurrently (splitting a batched dot in pieces, or
-  running the batch on 2 CPU devices with shard_map, did not help).  Attention at T=256
-  therefore stays well below the dot's rate; the blocked kernel gets its gain from
-  skipping masked blocks, not storing probabilities and fewer passes.
+  runs there on ONE core at ~0.25-0.45 of a large 2-D dot.  XLA only gives YNNPACK dots
+  whose left operand contracts its minor axis; a batched dot whose left operand contracts
+  a non-minor axis goes to Eigen, which runs these on both cores at ~0.6 (measured side
+  by side at the attention shapes).  The blocked attention is therefore written in a
+  keys x queries orientation in which every dot is of that kind, and elementwise passes
+  over score-sized arrays (memory bound, ~13 GB/s) are kept few: blocks, no stored
+  probabilities, one mask select per block.
 * Tried and dropped: a backward pass in transposed-score orientation (no gain); keeping
   the forward's probabilities for the backward instead of recomputing them (no gain at
   T=256: the cond-padded stores cost what the saved matmul gains); block_q 32 / 128 /
@@ -285,122 +286,161 @@ def _block_ranges(t, block_q):
   return [(s, min(s + block_q, t)) for s in range(0, t, block_q)]
 
 
-def _block_mask(seg, prefix, qs, qe, kl):
-  """(B, 1, qe-qs, 1, kl) mask for queries qs..qe against keys 0..kl (self-attention)."""
-  qpos = jnp.arange(qs, qe)
-  kpos = jnp.arange(kl)
-  same = seg[:, qs:qe, None] == seg[:, None, :kl]
-  visible = (kpos[None, None, :] <= qpos[None, :, None]) | prefix[:, None, :kl]
-  return (same & visible)[:, None, :, None, :]
+# The blocked kernel works in "keys x queries" orientation: scores are (B, K, L, Q) with
+# the keys on the row axis, and every batched dot contracts a non-minor axis of its left
+# operand.  XLA:CPU hands such dots to Eigen, which runs these small (64-256 row) batched
+# matmuls on both cores at ~0.6 of a large dot; the row-major forms go to YNNPACK, one
+# core, ~0.25-0.45 (measured side by side; `python -m benchmarks.kernels`).  Narrow
+# dtypes in native mode must stay on YNNPACK (Eigen has no bf16 x bf16 -> f32 dot), so
+# there `_bdot` moves the contracting axis last first.
+_BATCH = ((0, 1), (0, 1))
 
 
-def _blocked_fwd_core(qt, kt, vt, seg, prefix, block_q, compute_dtype):
-  """Forward over query blocks.  qt: (B,K,T,G,H) scaled operand; kt, vt: (B,K,T,H).
+def _bdot(a, b, a_contract, b_contract):
+  """dot_general over batch axes (0, 1) with float32 accumulation."""
+  if a.dtype != F32 and jax.default_backend() == "cpu":
+    a = jnp.moveaxis(a, a_contract, -1)
+    a_contract = a.ndim - 1
+  return lax.dot_general(a, b, (((a_contract,), (b_contract,)), _BATCH),
+                         preferred_element_type=F32)
 
-  Returns o: (B,K,T,G,H) float32 and lse: (B,K,T,G) float32.
+
+def _block_mask_t(seg, prefix, qs, qe, kl, g):
+  """(B, 1, kl, (qe-qs)*g) mask, keys x queries: query i (each of its g heads) may
+  attend key j < kl.  Same rule as `attention_mask`, for self-attention."""
+  kpos = jnp.arange(kl)[:, None]
+  qpos = jnp.arange(qs, qe)[None, :]
+  same = seg[:, :kl, None] == seg[:, None, qs:qe]
+  visible = (kpos <= qpos)[None] | prefix[:, :kl, None]
+  mask = (same & visible)[:, None, :, :, None]
+  b = seg.shape[0]
+  return jnp.broadcast_to(mask, (b, 1, kl, qe - qs, g)).reshape(b, 1, kl, (qe - qs) * g)
+
+
+def _blocked(t, block_q, prefix, block_fn, combine):
+  """combine([block_fn(qs, qe, kl) for each query block [qs, qe)]), kl = the keys it needs.
+
+  Without prefix tokens (causal rows, packed or not) query block [qs, qe) needs keys
+  [0, qe) only, which skips (1 - 1/n_blocks)/2 of the work.  A prefix token is
+  visible to every query of its segment, so if any row has one (bidirectional,
+  prefix-LM) every block takes all t keys: one `lax.cond` over the whole pass.
   """
-  t = qt.shape[2]
+  def run(causal):
+    return combine([block_fn(qs, qe, qe if causal else t) for qs, qe in _block_ranges(t, block_q)])
+  return lax.cond(jnp.any(prefix), lambda: run(False), lambda: run(True))
 
-  def block(qi, mask, kl):
-    s = jnp.einsum("bkqgh,bklh->bkqgl", qi, kt[:, :, :kl], preferred_element_type=F32)
-    s = jnp.where(mask, s, _MASK_VALUE)
-    m = jnp.max(s, axis=-1, keepdims=True)
+
+def _sum_key_blocks(pieces, t, block_q):
+  """Sum of per-query-block gradients (B, K, H, kl_i) over keys 0..t -> (B, K, H, t).
+
+  Key block [ks, ke) gets the pieces that cover it; the result is one concatenation
+  (no zero-padding of each piece to t, which cost a full copy per piece).
+  """
+  out = []
+  for ks, ke in _block_ranges(t, block_q):
+    out.append(sum(p[..., ks:ke] for p in pieces if p.shape[-1] >= ke))
+  return jnp.concatenate(out, axis=-1) if len(out) > 1 else out[0]
+
+
+def _blocked_fwd_core(qt, k_t, vt, seg, prefix, g, block_q, compute_dtype):
+  """Forward over query blocks.
+
+  qt: (B, K, T*G, H) scaled queries (the G heads of a kv head are interleaved rows);
+  k_t: (B, K, H, T) keys transposed; vt: (B, K, T, H).  Returns o: (B, K, T*G, H) and
+  lse: (B, K, T*G), float32.
+  """
+  t = vt.shape[2]
+
+  def block(qs, qe, kl):
+    s = _bdot(k_t[..., :kl], qt[:, :, qs * g:qe * g], 2, 3)         # (B, K, kl, q)
+    s = jnp.where(_block_mask_t(seg, prefix, qs, qe, kl, g), s, _MASK_VALUE)
+    m = jnp.max(s, axis=2, keepdims=True)
     p = jnp.exp(s - m)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("bkqgl,bklh->bkqgh", _operand(p, compute_dtype), vt[:, :, :kl],
-                   preferred_element_type=F32)
-    o = o / l
-    lse = (m + jnp.log(l))[..., 0]
-    return o, lse
+    l = jnp.sum(p, axis=2, keepdims=True)
+    o = _bdot(_operand(p, compute_dtype), vt[:, :, :kl], 2, 2)      # (B, K, q, H)
+    return o / l[:, :, 0, :, None], (m + jnp.log(l))[:, :, 0]
 
-  outs, lses = [], []
-  for qs, qe in _block_ranges(t, block_q):
-    qi = qt[:, :, qs:qe]
-    causal = lambda qi, qs=qs, qe=qe: block(qi, _block_mask(seg, prefix, qs, qe, qe), qe)
-    full = lambda qi, qs=qs, qe=qe: block(qi, _block_mask(seg, prefix, qs, qe, t), t)
-    if qe == t:
-      o, lse = full(qi)
-    else:
-      o, lse = lax.cond(jnp.any(prefix[:, qe:]), full, causal, qi)
-    outs.append(o)
-    lses.append(lse)
-  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+  combine = lambda outs: (jnp.concatenate([o for o, _ in outs], axis=2),
+                          jnp.concatenate([lse for _, lse in outs], axis=2))
+  return _blocked(t, block_q, prefix, block, combine)
 
 
-def _blocked_bwd_core(qt, kt, vt, seg, prefix, lse, delta, do, block_q, compute_dtype):
-  """Backward over the same query blocks; returns dq (scaled-q grad), dk, dv in f32."""
-  t = qt.shape[2]
-  dk = jnp.zeros(kt.shape, F32)
-  dv = jnp.zeros(vt.shape, F32)
-  dqs = []
+def _blocked_bwd_core(qt, kt, k_t, vt, seg, prefix, lse, delta, do, g, block_q,
+                      compute_dtype):
+  """Backward over the same query blocks.
 
-  def block(args, mask, kl):
-    qi, doi, lsei, deltai, dk, dv = args
-    kr, vr = kt[:, :, :kl], vt[:, :, :kl]
-    s = jnp.einsum("bkqgh,bklh->bkqgl", qi, kr, preferred_element_type=F32)
-    p = jnp.where(mask, jnp.exp(s - lsei[..., None]), 0.0)
-    pc = _operand(p, compute_dtype)
-    dv_r = jnp.einsum("bkqgl,bkqgh->bklh", pc, doi, preferred_element_type=F32)
-    dp = jnp.einsum("bkqgh,bklh->bkqgl", doi, vr, preferred_element_type=F32)
-    ds = _operand(p * (dp - deltai[..., None]), compute_dtype)
-    dqi = jnp.einsum("bkqgl,bklh->bkqgh", ds, kr, preferred_element_type=F32)
-    dk_r = jnp.einsum("bkqgl,bkqgh->bklh", ds, qi, preferred_element_type=F32)
-    if kl == t:
-      return dqi, dk + dk_r, dv + dv_r
-    return dqi, dk.at[:, :, :kl].add(dk_r), dv.at[:, :, :kl].add(dv_r)
+  qt, do: (B, K, T*G, H); kt, vt: (B, K, T, H); k_t: (B, K, H, T); lse, delta:
+  (B, K, T*G).  Returns dq (B, K, T*G, H) (w.r.t. the scaled queries), dk_t and dv_t
+  (B, K, H, T), float32.
+  """
+  t = vt.shape[2]
+  v_t = jnp.swapaxes(vt, 2, 3)
 
-  for qs, qe in _block_ranges(t, block_q):
-    args = (qt[:, :, qs:qe], do[:, :, qs:qe], lse[:, :, qs:qe], delta[:, :, qs:qe], dk, dv)
-    causal = lambda a, qs=qs, qe=qe: block(a, _block_mask(seg, prefix, qs, qe, qe), qe)
-    full = lambda a, qs=qs, qe=qe: block(a, _block_mask(seg, prefix, qs, qe, t), t)
-    if qe == t:
-      dqi, dk, dv = full(args)
-    else:
-      dqi, dk, dv = lax.cond(jnp.any(prefix[:, qe:]), full, causal, args)
-    dqs.append(dqi)
-  return jnp.concatenate(dqs, axis=2), dk, dv
+  def block(qs, qe, kl):
+    rows = slice(qs * g, qe * g)
+    qi, doi = qt[:, :, rows], do[:, :, rows]
+    s = _bdot(k_t[..., :kl], qi, 2, 3)                              # (B, K, kl, q)
+    p = jnp.where(_block_mask_t(seg, prefix, qs, qe, kl, g),
+                  jnp.exp(s - lse[:, :, None, rows]), 0.0)
+    dv_t = _bdot(doi, _operand(p, compute_dtype), 2, 3)             # (B, K, H, kl)
+    dp = _bdot(v_t[..., :kl], doi, 2, 3)                            # (B, K, kl, q)
+    ds = _operand(p * (dp - delta[:, :, None, rows]), compute_dtype)
+    dqi = _bdot(ds, kt[:, :, :kl], 2, 2)                            # (B, K, q, H)
+    dk_t = _bdot(qi, ds, 2, 3)                                      # (B, K, H, kl)
+    return dqi, dk_t, dv_t
+
+  combine = lambda outs: (jnp.concatenate([o[0] for o in outs], axis=2),
+                          _sum_key_blocks([o[1] for o in outs], t, block_q),
+                          _sum_key_blocks([o[2] for o in outs], t, block_q))
+  return _blocked(t, block_q, prefix, block, combine)
 
 
 def _to_blocked_layout(q, k, v, compute_dtype):
+  """(B,T,N,H), (B,T,K,H) x2 -> qt (B,K,T*G,H) scaled, k_t (B,K,H,T), vt (B,K,T,H)."""
   b, t, n, h = q.shape
   kh = k.shape[2]
-  scale = 1.0 / math.sqrt(h)
-  qt = _operand(q.astype(F32) * scale, compute_dtype)
-  qt = qt.reshape(b, t, kh, n // kh, h).transpose(0, 2, 1, 3, 4)
-  kt = _operand(k, compute_dtype).transpose(0, 2, 1, 3)
+  qt = _operand(q.astype(F32) * (1.0 / math.sqrt(h)), compute_dtype)
+  qt = qt.reshape(b, t, kh, n // kh, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * (n // kh), h)
+  k_t = _operand(k, compute_dtype).transpose(0, 2, 3, 1)
   vt = _operand(v, compute_dtype).transpose(0, 2, 1, 3)
-  return qt, kt, vt
+  return qt, k_t, vt
 
 
-def _from_blocked_layout(o):
-  b, kh, t, g, h = o.shape
-  return o.transpose(0, 2, 1, 3, 4).reshape(b, t, kh * g, h)
+def _from_blocked_layout(o, t):
+  """(B, K, T*G, H) -> (B, T, K*G, H)."""
+  b, kh, tg, h = o.shape
+  g = tg // t
+  return o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, kh * g, h)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _attention_blocked(q, k, v, seg, prefix, block_q, compute_dtype):
-  qt, kt, vt = _to_blocked_layout(q, k, v, compute_dtype)
-  o, _ = _blocked_fwd_core(qt, kt, vt, seg, prefix, block_q, compute_dtype)
-  return _from_blocked_layout(o)
+  qt, k_t, vt = _to_blocked_layout(q, k, v, compute_dtype)
+  g = q.shape[2] // k.shape[2]
+  o, _ = _blocked_fwd_core(qt, k_t, vt, seg, prefix, g, block_q, compute_dtype)
+  return _from_blocked_layout(o, q.shape[1])
 
 
 def _attention_blocked_fwd(q, k, v, seg, prefix, block_q, compute_dtype):
-  qt, kt, vt = _to_blocked_layout(q, k, v, compute_dtype)
-  o, lse = _blocked_fwd_core(qt, kt, vt, seg, prefix, block_q, compute_dtype)
+  qt, k_t, vt = _to_blocked_layout(q, k, v, compute_dtype)
+  g = q.shape[2] // k.shape[2]
+  o, lse = _blocked_fwd_core(qt, k_t, vt, seg, prefix, g, block_q, compute_dtype)
   dtypes = tuple(jnp.zeros((0,), a.dtype) for a in (q, k, v))
-  return _from_blocked_layout(o), (qt, kt, vt, seg, prefix, o, lse, dtypes)
+  return _from_blocked_layout(o, q.shape[1]), (qt, k_t, vt, seg, prefix, o, lse, dtypes)
 
 
 def _attention_blocked_bwd(block_q, compute_dtype, res, g):
-  qt, kt, vt, seg, prefix, o, lse, (qdt, kdt, vdt) = res
-  b, kh, t, gg, h = o.shape
-  do = g.astype(F32).reshape(b, t, kh, gg, h).transpose(0, 2, 1, 3, 4)
+  qt, k_t, vt, seg, prefix, o, lse, (qdt, kdt, vdt) = res
+  b, kh, tg, h = o.shape
+  t = vt.shape[2]
+  do = g.astype(F32).reshape(b, t, kh, tg // t, h).transpose(0, 2, 1, 3, 4).reshape(o.shape)
   delta = jnp.sum(do * o, axis=-1)
-  dq, dk, dv = _blocked_bwd_core(qt, kt, vt, seg, prefix, lse, delta,
-                                 _operand(do, compute_dtype), block_q, compute_dtype)
-  dq = _from_blocked_layout(dq) * (1.0 / math.sqrt(h))
-  dk = dk.transpose(0, 2, 1, 3)
-  dv = dv.transpose(0, 2, 1, 3)
+  dq, dk_t, dv_t = _blocked_bwd_core(qt, jnp.swapaxes(k_t, 2, 3), k_t, vt, seg, prefix,
+                                     lse, delta, _operand(do, compute_dtype), tg // t,
+                                     block_q, compute_dtype)
+  dq = _from_blocked_layout(dq, t) * (1.0 / math.sqrt(h))
+  dk = dk_t.transpose(0, 3, 1, 2)
+  dv = dv_t.transpose(0, 3, 1, 2)
   return (dq.astype(qdt.dtype), dk.astype(kdt.dtype), dv.astype(vdt.dtype), None, None)
 
 
@@ -437,18 +477,18 @@ def attention(q, k, v, segment_ids, prefix, *, compute_dtype=F32, impl="auto",
     (B, T, N, H) float32.  Scale 1/sqrt(H).
 
   The blocked version ('blocked') splits the queries into static blocks of block_q rows.
-  Query block [s, e) only needs keys [0, e) unless a later key is a prefix token, so
-  each block computes scores against keys [0, e) only; a `lax.cond` on
-  any(prefix[:, e:]) switches that block to all keys (bidirectional / prefix-LM rows).
-  With causal masks this skips (1 - 1/n_blocks)/2 of the score work.  A block is a
-  full-softmax over its key range (no running max across key blocks), small enough
-  that its (B, K, block_q*G, L) scores are cheap to keep, and big enough for efficient
-  batched matmuls.  The G = N/K query heads of a kv head are folded into the matmul
-  rows, so GQA reads each kv head once.  A custom VJP stores only the log-sum-exp per
-  row and recomputes the probabilities block by block in the backward pass (5 matmuls
-  per block instead of autodiff's 4 plus saved N x T x T probabilities and masks).
-  On XLA:CPU (2 cores) batched matmuls of these sizes run on one thread at ~45% of a
-  large 2-D dot; memory traffic of the softmax is the other cost, hence blocks.
+  Without prefix tokens query block [s, e) only needs keys [0, e), so each block
+  computes scores against those keys only, which skips (1 - 1/n_blocks)/2 of the work
+  for causal masks (packed or not); one `lax.cond` on any(prefix) switches the whole
+  pass to all keys (bidirectional / prefix-LM batches).  A block is a full softmax over
+  its key range (no running max across key blocks), small enough that its
+  (B, K, L, block_q*G) scores stay cheap, big enough for efficient batched matmuls.  The
+  G = N/K query heads of a kv head are folded into the matmul columns, so GQA reads each
+  kv head once.  Scores are laid out keys x queries so that every batched dot goes to
+  XLA:CPU's two-core Eigen path (see the module notes).  A custom VJP stores only the
+  log-sum-exp per query and recomputes the probabilities block by block in the backward
+  pass (5 matmuls per block instead of autodiff's 4 plus saved N x T x T probabilities
+  and masks).
   """
   if impl not in ("auto", "blocked", "reference"):
     raise ValueError(f"unknown attention impl {impl!r}")

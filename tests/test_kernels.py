@@ -181,6 +181,30 @@ def test_attention_reference_decoding_positions():
   assert_close(dec, full[:, rows], 1e-6, "decode")
 
 
+def ynn_dot_count(hlo_text):
+  """Number of dots inside YNNPACK fusions of compiled XLA:CPU HLO text."""
+  import re
+  called = set(re.findall(r'__ynn_fusion.*?calls=%([\w.\-]+)|calls=%([\w.\-]+).*?__ynn_fusion',
+                          hlo_text))
+  called = {a or b for a, b in called}
+  blocks = re.split(r"\n(?=%?[\w.\-]+ \()", hlo_text)
+  return sum(b.count(" dot(") for b in blocks if b.lstrip("%").split(" ", 1)[0] in called)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU dot placement")
+def test_attention_blocked_dots_take_the_two_core_path():
+  """Every batched dot of the float32 blocked attention (forward and backward) contracts
+  a non-minor axis of its left operand, so XLA:CPU runs it on Eigen (both cores), not
+  as a one-core YNNPACK fusion; the plain version's dots do go to YNNPACK."""
+  q, k, v, ct = attn_inputs(b=2, t=128, n=4, kh=2, h=32)
+  seg, prefix = jnp.ones((2, 128), jnp.int32), jnp.zeros((2, 128), bool)
+  def hlo(impl):
+    f = lambda q, k, v: jnp.vdot(K.attention(q, k, v, seg, prefix, impl=impl, block_q=32), ct)
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+  assert ynn_dot_count(hlo("reference")) > 0  # the check can see YNNPACK dots
+  assert ynn_dot_count(hlo("blocked")) == 0
+
+
 # --------------------------------------------------------------------------------------
 # LM head
 

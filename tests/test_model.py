@@ -106,3 +106,21 @@ def test_bad_config_is_a_clear_error():
     model_lib.TransformerConfig(num_heads=4, num_kv_heads=3)
   with pytest.raises(ValueError, match='unknown model config keys'):
     model_lib.TransformerConfig.from_dict({'num_layer': 3})
+
+
+def test_rope_matches_rotation_formula_and_is_relative():
+  """rope(x, tables) rotates each pair (x_i, x_{i+H/2}) by angle pos * theta^(-i/(H/2)),
+  so a query-key dot product depends only on the distance between their positions."""
+  b, l, n, h, theta = 2, 9, 3, 8, 100.0
+  x = jax.random.normal(jax.random.key(0), (b, l, n, h))
+  positions = jnp.stack([jnp.arange(l), jnp.arange(l) + 5])
+  out = model_lib.rope(x, model_lib.rope_tables(positions, h, theta))
+  angle = positions[:, :, None, None] * theta ** (-np.arange(h // 2) / (h // 2))
+  x1, x2 = np.asarray(x[..., :h // 2]), np.asarray(x[..., h // 2:])
+  expected = np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle),
+                             x2 * np.cos(angle) + x1 * np.sin(angle)], axis=-1)
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+  # Same vectors at positions shifted by 5 (row 1): every q.k dot product is unchanged.
+  q = model_lib.rope(jnp.broadcast_to(x[:1], x.shape), model_lib.rope_tables(positions, h, theta))
+  scores = jnp.einsum('blnh,bmnh->bnlm', q, q)
+  np.testing.assert_allclose(scores[0], scores[1], rtol=1e-4, atol=1e-4)
