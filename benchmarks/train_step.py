@@ -36,7 +36,11 @@ IDS = None
 def build(config, num_layers=None):
   mc = dict(config.model.to_dict())
   if num_layers:
+    # The depth comparison is about the scanned stack (what deep models use): compile time
+    # should not grow with the number of layers. Presets that unroll (small, bench) are
+    # scanned here.
     mc['num_layers'] = num_layers
+    mc['scan_layers'] = True
   if _DTYPE.value:
     mc['compute_dtype'] = _DTYPE.value
   cfg = model_lib.TransformerConfig.from_dict(mc)
