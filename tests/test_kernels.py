@@ -181,11 +181,6 @@ def test_attention_reference_decoding_positions():
   assert_close(dec, full[:, rows], 1e-6, "decode")
 
 
-# XLA's default compile options, which the test session turns off for faster compiles
-# (tests/conftest.py): a check of what the optimised compile emits asks for them.
-PRODUCTION_COMPILE = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
-
-
 def ynn_dot_count(hlo_text):
   """Number of dots inside YNNPACK fusions of compiled XLA:CPU HLO text."""
   import re
@@ -205,8 +200,7 @@ def test_attention_blocked_dots_take_the_two_core_path():
   seg, prefix = jnp.ones((2, 128), jnp.int32), jnp.zeros((2, 128), bool)
   def hlo(impl):
     f = lambda q, k, v: jnp.vdot(K.attention(q, k, v, seg, prefix, impl=impl, block_q=32), ct)
-    return jax.jit(jax.grad(f, argnums=(0, 1, 2)), compiler_options=PRODUCTION_COMPILE).lower(
-        q, k, v).compile().as_text()
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
   assert ynn_dot_count(hlo("reference")) > 0  # the check can see YNNPACK dots
   assert ynn_dot_count(hlo("blocked")) == 0
 

@@ -120,9 +120,7 @@ def test_kill_9_and_resume_gives_identical_losses_and_params(corpus, reference_r
 
 def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
   workdir = tmp_path / 'term'
-  # No samples: the reference run prints them; here they would be a compile more.
-  flags = overrides(corpus, steps=400, **{'train.num_samples': 0})
-  proc = subprocess.Popen(pretrain_cmd(workdir, flags), cwd=REPO,
+  proc = subprocess.Popen(pretrain_cmd(workdir, overrides(corpus, steps=400)), cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 300
   while time.time() < deadline and not (
@@ -136,21 +134,16 @@ def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
 
 
 def test_checkpoint_from_8_device_mesh_restores_onto_other_meshes(corpus, tmp_path):
-  # Appended to the session's XLA_FLAGS (tests/conftest.py).
-  env = {'XLA_FLAGS': f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
-         'JAX_PLATFORMS': 'cpu'}
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
   source = tmp_path / 'mesh222'
-  # Each run compiles its programs for its mesh: no samples (a compile more, and the
-  # reference run prints them), and one checkpoint, the source's at step 4.
-  quick = {'train.num_samples': 0, 'train.checkpoint_every': 4}
-  base = overrides(corpus, steps=4, **quick)
+  base = overrides(corpus, steps=4)
   run(pretrain_cmd(source, base + ['--config.mesh.shape=(2,2,2)']), env=env)
   next_losses = {}
   for shape in ('(1,1,1)', '(8,1,1)', '(2,2,2)'):
     target = tmp_path / f'to{shape}'
     shutil.copytree(source, target)
-    run(pretrain_cmd(target, overrides(corpus, steps=5, **quick)
-                     + [f'--config.mesh.shape={shape}']), env=env)
+    run(pretrain_cmd(target, overrides(corpus, steps=5) + [f'--config.mesh.shape={shape}']),
+        env=env)
     next_losses[shape] = losses(target)[5]
   values = list(next_losses.values())
   np.testing.assert_allclose(values, values[0], atol=1e-5, err_msg=str(next_losses))

@@ -16,7 +16,7 @@ from experiments import reward_model as rm_experiment
 from research import checkpoint as checkpoint_lib
 from research import model as model_lib
 from research import preferences
-from tests.test_pretrain import WORDS
+from tests.test_pretrain import WORDS, tiny_pretrain_workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,8 +28,9 @@ def _set(config, **values):
 
 
 @pytest.fixture(scope='module')
-def pretrained(tiny_pretrained):
-  return tiny_pretrained  # tests/conftest.py: one tiny pretraining run, shared with SFT's tests
+def pretrained(tmp_path_factory):
+  return tiny_pretrain_workdir(tmp_path_factory.mktemp('rm'), seq_len=64, d_model=32,
+                               num_layers=1, steps=2)
 
 
 def write_pairs(path: pathlib.Path, n: int, seed=0) -> pathlib.Path:

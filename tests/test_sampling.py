@@ -230,9 +230,8 @@ def test_fill_mask_iterative_unmasks_most_confident_first(params):
 
 
 def test_generate_with_sharded_params_matches_one_device(params):
-  # Appended to the session's XLA_FLAGS (tests/conftest.py).
-  xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-m', 'tests.test_sampling'], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]

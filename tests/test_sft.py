@@ -15,6 +15,7 @@ from experiments import sft
 from research import checkpoint as checkpoint_lib
 from research import model as model_lib
 from research import objectives
+from tests.test_pretrain import tiny_pretrain_workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,6 +24,13 @@ def _set(config, **values):
   for name, value in values.items():
     common.apply_override(config, name.replace('__', '.'), str(value))
   return config
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  root = tmp_path_factory.mktemp('sft')
+  tiny_pretrain_workdir(root, seq_len=192, d_model=48, num_layers=2, steps=6)
+  return root
 
 
 def sft_config_for(steps, **extra):
@@ -45,8 +53,8 @@ def test_supervised_objective_scores_only_marked_next_tokens():
   np.testing.assert_array_equal(ex['targets'][0, :5], tokens[0, 1:])
 
 
-def test_sft_lowers_heldout_assistant_loss_and_resumes(tiny_pretrained, tmp_path):
-  init = tiny_pretrained  # tests/conftest.py: shared with the reward-model tests
+def test_sft_lowers_heldout_assistant_loss_and_resumes(pretrained, tmp_path):
+  init = pretrained / 'pretrain'
   params0, init_config, tok = checkpoint_lib.load_stage(init)
   cfg = model_lib.TransformerConfig.from_dict(init_config['model'])
   config = sft_config_for(steps=40)
@@ -55,8 +63,6 @@ def test_sft_lowers_heldout_assistant_loss_and_resumes(tiny_pretrained, tmp_path
   before = sft.heldout_losses(params0, cfg, tok, held, 192, 8)['word_problems']
   result = sft.finetune(config, tmp_path / 'sft', init)
   after = result['eval']['heldout_assistant_loss']['word_problems']
-  # Measured: 6.27 -> 3.29 nats from the 1-layer d_model 32 init (6.40 -> 2.85 from the
-  # 2-layer d_model 48 one this test used before); an SFT that does not learn stays near before.
   assert after < before - 0.5, (before, after)
   assert set(result['eval']['word_problems_by_k']) == {1, 2, 3, 4}
   assert result['packing']['packed'] > 0
@@ -93,7 +99,7 @@ def test_sft_lowers_heldout_assistant_loss_and_resumes(tiny_pretrained, tmp_path
   assert bad.returncode == 2 and bad.stderr.count('\n') == 1, bad.stderr
 
 
-def test_sft_input_errors(tiny_pretrained, tmp_path):
+def test_sft_input_errors(pretrained, tmp_path):
   # In process: the exceptions run_experiment prints as one line.
   config = sft_config.get_config('test')
   with pytest.raises(common.UserError, match='no init workdir'):
@@ -107,7 +113,7 @@ def test_sft_input_errors(tiny_pretrained, tmp_path):
                        '{"role": "assistant", "content": "hello"}]}\n{"messages": [{"role": '
                        '"wizard", "content": "x"}]}\n')
   out = subprocess.run([sys.executable, '-m', 'experiments.sft', '--config=configs/sft.py:test',
-                        f'--workdir={tmp_path / "w"}', f'--init={tiny_pretrained}',
+                        f'--workdir={tmp_path / "w"}', f'--init={pretrained / "pretrain"}',
                         '--config.data.weights.jsonl=1.0', f'--config.data.jsonl_path={bad_jsonl}',
                         '--config.data.seq_len=192'],
                        cwd=REPO, capture_output=True, text=True, timeout=300)

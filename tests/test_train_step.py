@@ -64,20 +64,14 @@ def test_every_objective_overfits_one_batch(objective):
   assert metrics['loss_tokens'] > 0 and 0 <= metrics['accuracy'] <= 1
 
 
-@pytest.fixture(scope='module')
-def three_steps():
-  """Three causal steps on one device, run once for the two tests that read them."""
-  return run_steps((1, 1, 1), steps=3)
-
-
-def test_gradient_accumulation_matches_one_big_batch(three_steps):
-  one, _, _ = three_steps
+def test_gradient_accumulation_matches_one_big_batch():
+  one, _, _ = run_steps((1, 1, 1), steps=3)
   accumulated, _, _ = run_steps((1, 1, 1), steps=3, grad_accum=4)
   np.testing.assert_allclose(one, accumulated, rtol=1e-5)
 
 
-def test_metrics_and_learning_rate_schedule(three_steps):
-  _, metrics, state = three_steps
+def test_metrics_and_learning_rate_schedule():
+  _, metrics, state = run_steps((1, 1, 1), steps=3)
   assert int(state.step) == 3
   for key in ('loss', 'accuracy', 'grad_norm', 'learning_rate', 'loss_tokens', 'z_loss'):
     assert np.isfinite(metrics[key]), key
@@ -98,9 +92,8 @@ def test_mesh_needing_more_devices_is_a_clear_error():
 
 
 def _in_subprocess(mesh_arg: str) -> list:
-  # Appended to the session's XLA_FLAGS (tests/conftest.py).
-  xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-m', 'tests.test_train_step', mesh_arg], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
