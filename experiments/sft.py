@@ -21,10 +21,11 @@ import time
 import jax
 import numpy as np
 from experiments import common
-from experiments import pretrain
+from experiments import loop as loop_lib
 from research import chat
 from research import checkpoint as checkpoint_lib
 from research import conversations as conv_lib
+from research import data as data_lib
 from research import evaluation
 from research import model as model_lib
 from research import objectives as objectives_lib
@@ -110,8 +111,8 @@ def make_setup(config: dict, init_config: dict, tokenizer, train, held):
   common.log(f'sft data: {dict(collections.Counter(s for s, _ in mixed))} conversations '
              f'-> {train_rows.num_rows} rows of {dc["seq_len"]} ({stats})')
   model_cfg = model_lib.TransformerConfig.from_dict(init_config['model'])
-  return pretrain.Setup(config=config, model_cfg=model_cfg, tokenizer=tokenizer,
-                        train_rows=train_rows, validation_rows=val_rows), stats
+  return loop_lib.LMSetup(config=config, model_cfg=model_cfg, tokenizer=tokenizer,
+                          train_rows=train_rows, validation_rows=val_rows), stats
 
 
 def answer_accuracy(params, cfg, tokenizer, items, ec) -> list[bool]:
@@ -127,12 +128,13 @@ def answer_accuracy(params, cfg, tokenizer, items, ec) -> list[bool]:
 def heldout_losses(params, cfg, tokenizer, held: dict, seq_len: int, batch_size: int) -> dict:
   """Mean loss on the assistant tokens of each source's held-out conversations."""
   ids = objectives_lib.SpecialIds.from_tokenizer(tokenizer)
-  eval_fn = pretrain.make_eval_fn(model_lib.Transformer(cfg),
-                                  objectives_lib.get_objective('supervised'), ids, 0.0)
+  eval_fn = evaluation.make_heldout_loss_fn(model_lib.Transformer(cfg),
+                                            objectives_lib.get_objective('supervised'), ids)
   out = {}
   for source, convs in held.items():
     rows, _ = pack(tokenizer, convs, seq_len)
-    out[source] = pretrain.evaluate(eval_fn, params, rows, batch_size, 0, 0)['objective_loss']
+    out[source] = evaluation.heldout_losses(
+        eval_fn, params, data_lib.eval_batches(rows, batch_size))['objective_loss']
   return out
 
 
@@ -203,7 +205,7 @@ def finetune(config, workdir, init_workdir) -> dict:
   mesh = common.make_mesh(config['mesh']['shape'])
   train, held, problems = load_sources(config)
   setup, stats = make_setup(config, init_config, tokenizer, train, held)
-  summary, params = pretrain.run_training(
+  summary, params = loop_lib.train_language_model(
       setup, workdir, objectives_lib.get_objective('supervised'), mesh,
       fresh_config=saved is None, init_params=init_params, sample_prompts=())
   if summary['stopped_by_signal']:  # saved; evaluated when the run is resumed

@@ -450,3 +450,46 @@ def eval_batches(
     missing = batch_size - rows["tokens"].shape[0]
     # np.pad copies even when nothing is missing: callers may edit a batch.
     yield {name: np.pad(x, ((0, missing), (0, 0))) for name, x in rows.items()}
+
+
+class EpochSampler:
+  """Indices of n items, k at a time, in a new seeded permutation every epoch.
+
+  Its state is one integer (the position in the endless sequence of epochs), so a
+  sampler resumes exactly from `get_state()`; positions [p, p + k) of epoch e come
+  from `np.random.default_rng([seed, e]).permutation(n)`. Used for reward-model pair
+  batches and RL prompt batches.
+  """
+
+  def __init__(self, n: int, batch_size: int, seed: int, position: int = 0):
+    if n < 1 or batch_size < 1:
+      raise ValueError(f"EpochSampler needs n >= 1 and batch_size >= 1, got {n}, {batch_size}")
+    self.n, self.batch_size, self.seed, self.position = n, batch_size, seed, position
+    self._perm = (None, None)
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if self._perm[0] != epoch:
+      self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+    return self._perm[1]
+
+  def take(self, k: int) -> np.ndarray:
+    """The next k indices (int64), crossing epochs as needed."""
+    out = []
+    while len(out) < k:
+      epoch, offset = divmod(self.position, self.n)
+      count = min(k - len(out), self.n - offset)
+      out.extend(self._permutation(epoch)[offset:offset + count])
+      self.position += count
+    return np.asarray(out, np.int64)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> np.ndarray:
+    return self.take(self.batch_size)
+
+  def get_state(self) -> dict:
+    return {"position": int(self.position)}
+
+  def set_state(self, state: dict) -> None:
+    self.position = int(state["position"])

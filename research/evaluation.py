@@ -322,3 +322,43 @@ def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple
   centre = (p + z * z / (2 * total)) / denom
   half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
   return float(centre - half), float(centre + half)
+
+
+def make_heldout_loss_fn(model, objective, ids, z_loss: float = 0.0):
+  """jitted (params, batch, rng) -> {'objective': (loss sum, tokens), 'causal': (...)}.
+
+  Held-out loss sums of a batch of packed rows under the run's objective and under
+  causal next-token prediction (z-loss excluded), for `heldout_losses`.
+  """
+  causal = objectives.get_objective('causal')
+
+  @jax.jit
+  def evaluate(params, batch, rng):
+    out = {}
+    for name, fn in (('objective', objective), ('causal', causal)):
+      _, sums = train_lib.loss_sums(params, model, fn(batch, rng, ids), z_loss)
+      out[name] = (sums['loss_sum'] - sums['z_loss_sum'], sums['tokens'])
+    return out
+  return evaluate
+
+
+def heldout_losses(eval_fn, params, batches: Iterable[dict], max_batches: int = 0,
+                   seed: int = 0) -> dict:
+  """{'objective_loss', 'causal_loss'}: mean nats per scored token over `batches`
+  (the first `max_batches`, 0 = all); batch i draws its corruption with key seed + i."""
+  totals = {'objective': [0.0, 0.0], 'causal': [0.0, 0.0]}
+  for i, batch in enumerate(batches):
+    if max_batches and i >= max_batches:
+      break
+    for k, (loss, n) in eval_fn(params, batch, jax.random.key(seed + i)).items():
+      totals[k][0] += float(loss)
+      totals[k][1] += float(n)
+  return {f'{k}_loss': loss / max(n, 1.0) for k, (loss, n) in totals.items()}
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+  """Entropy (nats/token) of the token frequencies: the loss of a model that ignores
+  context. A trained LM must end well below it."""
+  p = np.bincount(np.asarray(tokens).ravel(), minlength=vocab_size).astype(np.float64)
+  p = p[p > 0] / p.sum()
+  return float(-(p * np.log(p)).sum())

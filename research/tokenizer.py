@@ -46,7 +46,7 @@ import hashlib
 import io
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -301,3 +301,25 @@ def _check_special_ids(sp: spm.SentencePieceProcessor) -> None:
       )
   if not sp.id_to_piece(NUM_SPECIAL) == "<0x00>":
     raise ValueError(f"tokenizer model has no byte fallback pieces at id {NUM_SPECIAL}")
+
+
+def load_or_train(
+    paths: Iterable[str | os.PathLike | None],
+    texts: Callable[[], Iterable[str]],
+    vocab_size: int,
+    *,
+    seed: int = 0,
+) -> tuple[Tokenizer, bool]:
+  """The first tokenizer file of `paths` that exists, else one trained on `texts()`.
+
+  Returns (tokenizer, trained). Raises ValueError when the vocabulary size is not
+  `vocab_size` (a file of another run) or cannot be trained (see `train_tokenizer`).
+  """
+  for path in paths:
+    if path and os.path.exists(path):
+      tokenizer = Tokenizer.load(path)
+      if tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"{path} has vocab {tokenizer.vocab_size}, not tokenizer.vocab_size="
+                         f"{vocab_size}")
+      return tokenizer, False
+  return train_tokenizer(texts(), vocab_size, seed=seed), True

@@ -101,6 +101,18 @@ def make_train_state(model, tx, mesh, rng, batch_size: int, seq_len: int) -> Tra
     return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
 
 
+def init_rng(seed: int) -> jax.Array:
+  """The key a run's random initialisation draws from (the training key is key(seed)
+  itself; the fold keeps the two streams apart)."""
+  return jax.random.fold_in(jax.random.key(seed), 1 << 20)
+
+
+def init_params(model_cfg: model_lib.TransformerConfig, seed: int, seq_len: int):
+  """The params a fresh pretraining run of this seed starts from (unsharded, unboxed)."""
+  model = model_lib.Transformer(model_cfg)
+  return nn.unbox(model.init(init_rng(seed), *dummy_inputs(1, seq_len))['params'])
+
+
 def train_state_from_params(params, tx, shardings, mesh) -> TrainState:
   """A step-0 state around given params (a previous stage's), in the state's shardings."""
   params = jax.device_put(params, shardings.params)

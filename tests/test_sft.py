@@ -11,6 +11,7 @@ import pytest
 from configs import sft as sft_config
 from experiments import chat as chat_cli
 from experiments import common
+from experiments import loop as loop_lib
 from experiments import sft
 from research import checkpoint as checkpoint_lib
 from research import model as model_lib
@@ -72,8 +73,29 @@ def test_sft_lowers_heldout_assistant_loss_and_resumes(pretrained, tmp_path):
   # A second call resumes the finished run instead of training again.
   again = sft.finetune(config, tmp_path / 'sft', init)
   assert again['train']['step'] == 40
+  assert (again['train']['loop']['resumed_from'], again['train']['loop']['steps_run']) == (40, 0)
   assert again['eval']['heldout_assistant_loss'] == pytest.approx(
       result['eval']['heldout_assistant_loss'], rel=1e-5)
+
+  # Killed after step 25 (checkpoint at 20, rows of 21-25 written), then resumed: it
+  # restores step 20, takes steps 21-40 only, and ends with the uninterrupted run's
+  # losses and params.
+  killed = tmp_path / 'killed'
+  kill_config = sft_config_for(steps=40, train__checkpoint_every=20, train__log_every=1)
+  straight = tmp_path / 'straight'
+  sft.finetune(kill_config, straight, init)
+  with loop_lib.simulate_kill(25), pytest.raises(loop_lib.SimulatedKill):
+    sft.finetune(kill_config, killed, init)
+  assert checkpoint_lib.Checkpointer(killed).latest_step() == 20
+  assert max(r['step'] for r in loop_lib.read_metrics(killed)) == 25
+  resumed = sft.finetune(kill_config, killed, init)
+  assert (resumed['train']['loop']['resumed_from'], resumed['train']['loop']['steps_run']) == (
+      20, 20)
+  train_losses = lambda w: [(r['step'], r['train/loss']) for r in loop_lib.read_metrics(w)
+                            if 'train/loss' in r]
+  assert train_losses(killed) == train_losses(straight)  # each step once, same losses
+  jax.tree.map(np.testing.assert_array_equal, checkpoint_lib.load_stage(killed)[0],
+               checkpoint_lib.load_stage(straight)[0])
 
   # The chat session: history kept across turns, /reset forgets it, tokens streamed.
   session = chat_cli.load_session(tmp_path / 'sft', temperature=0.0, max_new_tokens=6)
