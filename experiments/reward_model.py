@@ -17,10 +17,9 @@ only the step (the position is also saved in each checkpoint's meta).
 After training: held-out pairwise accuracy (95 % Wilson interval), mean margin, score
 mean/std, and the score offset (mean score on the training pairs, `reward_model.
 score_offset`), which is saved in the final checkpoint's meta and summary.json. The
-workdir is a stage: `load_reward_model(workdir)` -> (params, cfg, tokenizer, offset).
+workdir is a stage: `checkpoint.load_reward_model(workdir)` -> (params, cfg, tokenizer, offset).
 """
 import copy
-import functools
 import hashlib
 import json
 import pathlib
@@ -29,11 +28,10 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from experiments import common
-from experiments import pretrain
+from experiments import loop as loop_lib
 from research import checkpoint as checkpoint_lib
-from research import evaluation
+from research import data as data_lib
 from research import flops as flops_lib
 from research import model as model_lib
 from research import preferences
@@ -124,26 +122,6 @@ def _fit(arrays: dict, width: int) -> dict:
   return out
 
 
-# ----------------------------------------------------------------------------
-# Batches and scoring.
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-  """Pair indices of step `step`: positions [step·B, (step+1)·B) of the epoch sequence."""
-  out, pos = [], step * batch_size
-  while len(out) < batch_size:
-    epoch, offset = divmod(pos, n)
-    take = min(batch_size - len(out), n - offset)
-    out.extend(_epoch_order(n, seed, epoch)[offset:offset + take])
-    pos += take
-  return np.asarray(out, np.int64)
-
-
 def take(arrays: dict, idx) -> dict:
   return {k: v[idx] for k, v in arrays.items()}
 
@@ -151,46 +129,6 @@ def take(arrays: dict, idx) -> dict:
 def make_score_fn(model):
   """jitted (params, batch) -> (chosen scores, rejected scores)."""
   return jax.jit(lambda params, batch: reward_model.pair_scores(params, model, batch))
-
-
-def score_pairs(score_fn, params, arrays: dict, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Scores of every pair, in fixed-size batches (the last padded), as float numpy."""
-  n = preferences.num_pairs(arrays)
-  chosen, rejected = [], []
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size)
-    idx = np.where(idx < n, idx, 0)  # pad the last batch with pair 0 (dropped below)
-    c, r = jax.device_get(score_fn(params, take(arrays, idx)))
-    keep = min(batch_size, n - start)
-    chosen.append(np.asarray(c[:keep], np.float64))
-    rejected.append(np.asarray(r[:keep], np.float64))
-  if not chosen:
-    return np.zeros([0]), np.zeros([0])
-  return np.concatenate(chosen), np.concatenate(rejected)
-
-
-def pair_metrics(chosen: np.ndarray, rejected: np.ndarray) -> dict:
-  """Accuracy (r_c > r_r) with its 95 % Wilson interval, ties, margin, loss, score stats."""
-  n = int(len(chosen))
-  if n == 0:
-    return dict(n=0, accuracy=None, interval=None, correct=0, ties=0, margin=None, loss=None,
-                score_mean=None, score_std=None)
-  margin = chosen - rejected
-  correct = int(np.sum(margin > 0))
-  both = np.concatenate([chosen, rejected])
-  return dict(n=n, accuracy=correct / n, interval=list(evaluation.wilson_interval(correct, n)),
-              correct=correct, ties=int(np.sum(margin == 0)), margin=float(np.mean(margin)),
-              loss=float(np.mean(np.logaddexp(0.0, -margin))),
-              score_mean=float(np.mean(both)), score_std=float(np.std(both)))
-
-
-def longer_wins(arrays: dict) -> float | None:
-  """Accuracy of "the longer sequence is preferred" (ties 1/2): a length-bias baseline."""
-  n = preferences.num_pairs(arrays)
-  if not n:
-    return None
-  c, r = arrays['chosen_lengths'], arrays['rejected_lengths']
-  return float(np.mean(np.where(c > r, 1.0, np.where(c == r, 0.5, 0.0))))
 
 
 # ----------------------------------------------------------------------------
@@ -290,109 +228,98 @@ def train(config, workdir, init_workdir, pairs=None) -> dict:
     if not (workdir / checkpoint_lib.TOKENIZER_FILE).exists():
       tokenizer.save(workdir / checkpoint_lib.TOKENIZER_FILE)
 
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=tc['keep_checkpoints'])
-  latest = ckpt.latest_step()
-  extra = {}  # carried in every checkpoint's meta
-  if latest is not None:
-    shapes = nn.unbox(train_lib.abstract_train_state(model, tx, 1, width)[0])
-    state, meta = ckpt.restore(latest, checkpoint_lib.abstract_like(shardings, shapes))
-    checkpoint_lib.check_tokenizer(meta, tokenizer, workdir)
-    extra = {k: meta[k] for k in ('heldout_before',) if k in meta}
-    common.log(f'resumed from step {latest}')
-  else:
-    state = train_lib.train_state_from_params(params0, tx, shardings, mesh)
-  del params0
-
   n_train, n_held = stats['train'], stats['heldout']
   counts = flops_lib.param_counts(model_cfg)
-  common.log(f'reward model: {counts["total"] / 1e6:.2f}M params from {init_workdir}; '
-             f'{n_train} train / {n_held} held-out pairs ({stats}); '
-             f'batch {batch} pairs × {width} tokens, mesh {dict(mesh.shape)}')
-  writer = common.MetricWriter(workdir)
+  sampler = data_lib.EpochSampler(n_train, batch, config['seed'])
+  rng = jax.random.key(config['seed'])
+  extra = {}  # carried in every checkpoint's meta
 
-  def evaluate_heldout(params, step, prefix):
-    c, r = score_pairs(score_fn, params, held_arrays, ec['batch_size']) if n_held else ([], [])
-    m = pair_metrics(np.asarray(c), np.asarray(r))
+  def heldout(step, state, prefix='eval/'):
+    c, r = reward_model.score_pairs(score_fn, state.params, held_arrays, ec['batch_size']) \
+        if n_held else ([], [])
+    m = reward_model.pair_metrics(np.asarray(c), np.asarray(r))
     if n_held:
-      writer.write(step, {k: v for k, v in m.items() if isinstance(v, (int, float))},
-                   prefix=prefix)
+      loop.log(step, {k: v for k, v in m.items() if isinstance(v, (int, float))}, prefix)
     return m
 
-  if latest is None and ec['before'] and n_held:
-    extra['heldout_before'] = evaluate_heldout(state.params, 0, 'eval_before/')
-    common.log(f'held-out accuracy with the untrained head: '
-               f'{extra["heldout_before"]["accuracy"]:.3f}')
+  def heldout_hook(step, state):
+    if step < tc['steps'] and n_held:
+      m = heldout(step, state)
+      common.log(f'\nstep {step}: held-out accuracy {m["accuracy"]:.3f} '
+                 f'margin {m["margin"]:.3f}')
 
-  def meta(step, **more):
-    return dict(step=step, seed=config['seed'], tokenizer_fingerprint=tokenizer.fingerprint,
-                position=step * batch, epoch=step * batch / n_train, config=config,
-                **extra, **more)
+  def meta_fn(step, **more):
+    return dict(seed=config['seed'], tokenizer_fingerprint=tokenizer.fingerprint,
+                epoch=step * batch / n_train, config=config, **extra, **more)
 
-  stop = pretrain._Stop()  # pylint: disable=protected-access
-  first_step = step = int(state.step)
-  progress = common.Progress(tc['steps'], first_step)
-  deadline = time.time() + 60 * tc['max_minutes'] if tc['max_minutes'] > 0 else None
-  rng = jax.random.key(config['seed'])
-  last_train, t_last, steps_since = {}, time.time(), 0
-  train_seconds = 0.0
-  try:
-    while step < tc['steps']:
-      t_step = time.time()
-      state, metrics = step_fn(state, take(train_arrays, batch_indices(n_train, batch, step,
-                                                                       config['seed'])), rng)
-      step += 1
-      steps_since += 1
-      if step % tc['log_every'] == 0 or step == tc['steps'] or step == first_step + 1:
-        metrics = jax.device_get(metrics)
-        now = time.time()
-        metrics['pairs_per_second'] = batch * steps_since / max(now - t_last, 1e-9)
-        metrics['epoch'] = step * batch / n_train
-        last_train = {k: float(v) for k, v in metrics.items()}
-        writer.write(step, metrics, prefix='train/')
-        progress.update(step, f'loss {metrics["loss"]:.3f} acc {metrics["accuracy"]:.3f} '
-                        f'{metrics["pairs_per_second"]:.1f} pairs/s')
-        t_last, steps_since = now, 0
-      train_seconds += time.time() - t_step
-      if tc['eval_every'] and step % tc['eval_every'] == 0 and step < tc['steps'] and n_held:
-        m = evaluate_heldout(state.params, step, 'eval/')
-        common.log(f'\nstep {step}: held-out accuracy {m["accuracy"]:.3f} '
-                   f'margin {m["margin"]:.3f}')
-      if step % tc['checkpoint_every'] == 0 and step < tc['steps']:
-        ckpt.save(step, state, None, meta(step))
-      if stop.requested or (deadline and time.time() > deadline):
-        break
-    interrupted = step < tc['steps']
-    if interrupted and ckpt.latest_step() != step:
-      ckpt.save(step, state, None, meta(step))  # save first: evaluation can wait
-      ckpt.wait()
+  with loop_lib.Loop(workdir, steps=tc['steps'], checkpoint_every=tc['checkpoint_every'],
+                     keep=tc['keep_checkpoints'], max_minutes=tc['max_minutes'],
+                     log_every=tc['log_every'], units_per_step=batch, units_name='pairs',
+                     save_final=False,
+                     progress_fn=lambda m: (f'loss {m["loss"]:.3f} acc {m["accuracy"]:.3f} '
+                                            f'{m["pairs_per_second"]:.1f} pairs/s')) as loop:
+    shapes = nn.unbox(train_lib.abstract_train_state(model, tx, 1, width)[0])
+    restored = loop.restore(checkpoint_lib.abstract_like(shardings, shapes), sampler)
+    if restored is not None:
+      checkpoint_lib.check_tokenizer(restored.meta, tokenizer, workdir)
+      extra = {k: restored.meta[k] for k in ('heldout_before',) if k in restored.meta}
+      state = restored.state
+    else:
+      state = train_lib.train_state_from_params(params0, tx, shardings, mesh)
+    del params0
+    common.log(f'reward model: {counts["total"] / 1e6:.2f}M params from {init_workdir}; '
+               f'{n_train} train / {n_held} held-out pairs ({stats}); '
+               f'batch {batch} pairs × {width} tokens, mesh {dict(mesh.shape)}')
+    if restored is None and ec['before'] and n_held:
+      extra['heldout_before'] = heldout(0, state, 'eval_before/')
+      common.log(f'held-out accuracy with the untrained head: '
+                 f'{extra["heldout_before"]["accuracy"]:.3f}')
+    if tc['eval_every']:
+      loop.add_hook(heldout_hook, every=tc['eval_every'])
+    batches = (take(train_arrays, idx) for idx in sampler)
+    result = loop.run(state, lambda state, b: step_fn(state, b, rng), _Sampled(sampler, batches),
+                      first_step=int(state.step), meta_fn=meta_fn)
+    state, step = result.state, result.step
 
-    heldout = evaluate_heldout(state.params, step, 'eval/')
+    held_m = heldout(step, state)
     n_offset = n_train if not ec['train_pairs'] else min(ec['train_pairs'], n_train)
     offset_idx = np.sort(np.random.default_rng([config['seed'], 1 << 20]).permutation(
         n_train)[:n_offset])
-    c, r = score_pairs(score_fn, state.params, take(train_arrays, offset_idx), ec['batch_size'])
-    train_m = pair_metrics(c, r)
+    c, r = reward_model.score_pairs(score_fn, state.params, take(train_arrays, offset_idx),
+                                    ec['batch_size'])
+    train_m = reward_model.pair_metrics(c, r)
     offset = float(reward_model.score_offset(np.concatenate([c, r])))
-    writer.write(step, dict(train_accuracy=train_m['accuracy'], offset=offset), prefix='eval/')
-    if ckpt.latest_step() != step:
-      ckpt.save(step, state, None, meta(step, offset=offset, offset_pairs=n_offset))
-    ckpt.wait()
-  finally:
-    stop.restore()
-    ckpt.close()
-  writer.close()
+    loop.log(step, dict(train_accuracy=train_m['accuracy'], offset=offset))
+    if not result.interrupted:  # the finished model carries its offset
+      loop.save(step, state, sampler, meta_fn(step, offset=offset, offset_pairs=n_offset))
 
   summary = dict(
-      steps=step, interrupted=interrupted, train_accuracy=train_m['accuracy'], train=train_m,
-      heldout=heldout, heldout_before=extra.get('heldout_before'),
-      baselines=dict(longer_wins=longer_wins(held_arrays), chance=0.5),
-      offset=offset, offset_pairs=n_offset, final_train_metrics=last_train, data=stats,
+      steps=step, interrupted=result.interrupted, train_accuracy=train_m['accuracy'],
+      train=train_m, heldout=held_m, heldout_before=extra.get('heldout_before'),
+      baselines=dict(longer_wins=reward_model.longer_wins(held_arrays), chance=0.5),
+      offset=offset, offset_pairs=n_offset, final_train_metrics=result.last_train, data=stats,
       params=counts, init=str(init_workdir), batch_size=batch, seq_len=width,
-      train_seconds=train_seconds, minutes=(time.time() - t0) / 60)
+      train_seconds=result.seconds, minutes=(time.time() - t0) / 60, loop=result.record())
   if jax.process_index() == 0:
     checkpoint_lib.write_json_atomic(workdir / SUMMARY_FILE, summary)
     (workdir / REPORT_FILE).write_text(report(summary, config))
   return summary
+
+
+class _Sampled:
+  """Batches drawn by an EpochSampler: iterates the batches, checkpoints the sampler."""
+
+  def __init__(self, sampler, batches):
+    self.sampler, self.batches = sampler, batches
+
+  def __next__(self):
+    return next(self.batches)
+
+  def get_state(self):
+    return self.sampler.get_state()
+
+  def set_state(self, state):
+    self.sampler.set_state(state)
 
 
 def report(summary: dict, config: dict) -> str:
@@ -431,38 +358,6 @@ def report(summary: dict, config: dict) -> str:
             f'{acc(summary["train"])}; score offset (mean score) {summary["offset"]:.4f}, '
             f'score std {summary["train"]["score_std"]:.3f}.']
   return '\n'.join(lines) + '\n'
-
-
-# ----------------------------------------------------------------------------
-# The stage handoff.
-
-
-def load_reward_model(workdir) -> tuple[dict, model_lib.TransformerConfig, object, float]:
-  """(params, cfg with scalar_head=True, tokenizer, score offset) of a trained reward model.
-
-  Subtract the offset from scores (`reward_model.normalized`) to centre them on the
-  training pairs. Raises CheckpointError for a workdir that is not a finished reward
-  model.
-  """
-  workdir = pathlib.Path(workdir)
-  params, config, tokenizer = checkpoint_lib.load_stage(workdir)
-  cfg = model_lib.TransformerConfig.from_dict(config['model'])
-  if not cfg.scalar_head:
-    raise checkpoint_lib.CheckpointError(f'{workdir}: not a reward model (model.scalar_head is '
-                                         'false)')
-  ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
-  try:
-    step = ckpt.latest_step()
-    meta = ckpt.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
-  finally:
-    ckpt.close()
-  offset = meta.get('offset')
-  if offset is None:
-    raise checkpoint_lib.CheckpointError(
-        f'{workdir}: checkpoint {step} has no score offset (training did not finish: run it '
-        'again to resume)')
-  return params, cfg, tokenizer, float(offset)
 
 
 # ----------------------------------------------------------------------------

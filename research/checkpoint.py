@@ -151,3 +151,56 @@ def load_stage(workdir, params_shardings_fn=None) -> tuple[Any, dict, tokenizer_
   check_tokenizer(meta, tokenizer, workdir)
   ckpt.close()
   return params, config, tokenizer
+
+
+def load_meta(workdir, step: Optional[int] = None) -> dict:
+  """The meta JSON of checkpoint `step` (default: the latest) of a workdir."""
+  ckpt = Checkpointer(workdir, async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'{workdir}: no finished checkpoint')
+    return ckpt.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
+  finally:
+    ckpt.close()
+
+
+def load_reward_model(workdir) -> tuple[Any, model_lib.TransformerConfig, tokenizer_lib.Tokenizer,
+                                        float]:
+  """(params, cfg with scalar_head=True, tokenizer, score offset) of a trained reward model.
+
+  Subtract the offset from scores (`reward_model.normalized`) to centre them on the
+  training pairs. Raises CheckpointError for a workdir that is not a finished reward
+  model (no scalar head, or no offset: its training did not finish).
+  """
+  workdir = pathlib.Path(workdir)
+  params, config, tokenizer = load_stage(workdir)
+  cfg = model_lib.TransformerConfig.from_dict(config['model'])
+  if not cfg.scalar_head:
+    raise CheckpointError(f'{workdir}: not a reward model (model.scalar_head is false)')
+  offset = load_meta(workdir).get('offset')
+  if offset is None:
+    raise CheckpointError(f'{workdir}: its last checkpoint has no score offset (training did '
+                          'not finish: run it again to resume)')
+  return params, cfg, tokenizer, float(offset)
+
+
+def save_params_stage(out, config: dict, tokenizer: tokenizer_lib.Tokenizer, params, step: int,
+                      **meta) -> pathlib.Path:
+  """Writes a params-only stage that `load_stage` reads: out/config.json, tokenizer.model
+  and a checkpoint of {'params': params} at `step` (kept if it exists). For stages whose
+  training state is not a TrainState (RL policies, imported models)."""
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  write_json_atomic(out / CONFIG_FILE, config)
+  tokenizer.save(out / TOKENIZER_FILE)
+  ckpt = Checkpointer(out, keep=1, async_save=False)
+  try:
+    if ckpt.latest_step() != step:
+      ckpt.save(step, {'params': params}, None,
+                dict(meta, step=step, tokenizer_fingerprint=tokenizer.fingerprint))
+      ckpt.wait()
+  finally:
+    ckpt.close()
+  return out

@@ -28,8 +28,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from research import evaluation
 from research import model as model_lib
 from research import train_step as train_lib
 
@@ -167,19 +169,80 @@ def score_rollout(params, model, prompt_BxP, lengths_B, response_BxN, valid_BxN,
   return normalized(sequence_scores(params, model, tokens, total_B), offset)
 
 
-def make_reward_fn(model, pad_id=0):
-  """`reward_fn(prompt, lengths, response, valid, params, offset) -> score_B` for PPO.
+def make_reward_fn(model, pad_id: int = 0, stop_id: int | None = None, close: bool = True):
+  """`reward_fn(prompt, lengths, response, valid, params, offset) -> score_B` for PPO:
+  the reward model's normalised score of prompt ‖ response (the one reward function of
+  the RLHF stage, its benchmark and the tests).
 
-  Pass the reward model's params and offset as the PPO iteration's `reward_args` (so
-  they are arguments of the jitted program, not constants baked into it):
+  With a `stop_id` and `close`, a response that did not end with the stop token is
+  scored with one appended: the reward model always reads its score at a stop token, as
+  on its training pairs (see `closed`). Pass the reward model's params and offset as the
+  PPO iteration's `reward_args`, so they are arguments of the jitted program, not
+  constants baked into it:
 
-    reward_fn = reward_model.make_reward_fn(rm_model)
+    reward_fn = reward_model.make_reward_fn(rm_model, pad_id, stop_id)
     iteration(state, prompts, lengths, reward_args=(rm_params, offset))
-
-  A closure `lambda p, l, r, v: score_rollout(rm_params, rm_model, p, l, r, v, offset)`
-  also works (fine for small models: the params become compile-time constants).
   """
   def reward_fn(prompt_BxP, lengths_B, response_BxN, valid_BxN, params: Any, offset=0.0):
-    return score_rollout(params, model, prompt_BxP, lengths_B, response_BxN, valid_BxN, offset,
-                         pad_id)
+    tokens_BxT, total_B = pack_prompt_response(prompt_BxP, lengths_B, response_BxN,
+                                               valid_BxN, pad_id)
+    if stop_id is not None and close:
+      rows = jnp.arange(tokens_BxT.shape[0])
+      tokens_BxT = jnp.pad(tokens_BxT, ((0, 0), (0, 1)), constant_values=pad_id)
+      add_B = tokens_BxT[rows, total_B - 1] != stop_id
+      tokens_BxT = tokens_BxT.at[rows, total_B].set(
+          jnp.where(add_B, stop_id, tokens_BxT[rows, total_B]))
+      total_B = total_B + add_B.astype(jnp.int32)
+    return normalized(sequence_scores(params, model, tokens_BxT, total_B), offset)
   return reward_fn
+
+
+def closed(prompt_ids, response_ids, stop_id: int, close: bool = True) -> list:
+  """prompt ‖ response (‖ stop when the response does not end with it and `close`): the
+  token list `make_reward_fn(..., stop_id=stop_id)` scores, for pairs built on the host."""
+  seq = list(prompt_ids) + list(response_ids)
+  if close and (not len(response_ids) or response_ids[-1] != stop_id):
+    seq.append(stop_id)
+  return seq
+
+
+def score_pairs(score_fn, params, arrays: dict, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Scores (float64 numpy) of every pair of `arrays` (preferences.ARRAY_KEYS), in
+  fixed-size batches of `score_fn(params, batch) -> (chosen_B, rejected_B)`; the last
+  batch is padded with pair 0 and the padding dropped."""
+  n = len(arrays['chosen_lengths'])
+  chosen, rejected = [], []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size)
+    idx = np.where(idx < n, idx, 0)
+    c, r = jax.device_get(score_fn(params, {k: v[idx] for k, v in arrays.items()}))
+    keep = min(batch_size, n - start)
+    chosen.append(np.asarray(c[:keep], np.float64))
+    rejected.append(np.asarray(r[:keep], np.float64))
+  if not chosen:
+    return np.zeros([0]), np.zeros([0])
+  return np.concatenate(chosen), np.concatenate(rejected)
+
+
+def pair_metrics(chosen: np.ndarray, rejected: np.ndarray) -> dict:
+  """Accuracy (r_c > r_r) with its 95 % Wilson interval, ties, mean margin, Bradley-Terry
+  loss, score mean/std of N pairs' scores (None values for N = 0)."""
+  n = int(len(chosen))
+  if n == 0:
+    return dict(n=0, accuracy=None, interval=None, correct=0, ties=0, margin=None, loss=None,
+                score_mean=None, score_std=None)
+  margin = chosen - rejected
+  correct = int(np.sum(margin > 0))
+  both = np.concatenate([chosen, rejected])
+  return dict(n=n, accuracy=correct / n, interval=list(evaluation.wilson_interval(correct, n)),
+              correct=correct, ties=int(np.sum(margin == 0)), margin=float(np.mean(margin)),
+              loss=float(np.mean(np.logaddexp(0.0, -margin))),
+              score_mean=float(np.mean(both)), score_std=float(np.std(both)))
+
+
+def longer_wins(arrays: dict) -> float | None:
+  """Accuracy of "the longer sequence is preferred" (ties 1/2): a length-bias baseline."""
+  if arrays is None or not len(arrays['chosen_lengths']):
+    return None
+  c, r = arrays['chosen_lengths'], arrays['rejected_lengths']
+  return float(np.mean(np.where(c > r, 1.0, np.where(c == r, 0.5, 0.0))))

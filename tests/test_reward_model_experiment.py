@@ -12,10 +12,13 @@ import pytest
 
 from configs import reward_model as rm_config
 from experiments import common
+from experiments import loop as loop_lib
 from experiments import reward_model as rm_experiment
 from research import checkpoint as checkpoint_lib
 from research import model as model_lib
+from research import data as data_lib
 from research import preferences
+from research import reward_model
 from tests.test_pretrain import WORDS, tiny_pretrain_workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -70,7 +73,7 @@ def test_reward_model_learns_separable_pairs_loads_back_and_resumes(pretrained, 
   assert [r['step'] for r in rows if 'train/loss' in r] == [1, 5, 10, 15, 20, 25, 30, 35, 40]
 
   # The workdir is a stage: params with a scalar head, config, tokenizer, offset.
-  params, cfg, tokenizer, offset = rm_experiment.load_reward_model(tmp_path / 'rm')
+  params, cfg, tokenizer, offset = checkpoint_lib.load_reward_model(tmp_path / 'rm')
   assert cfg.scalar_head and params['scalar_head'].shape == (cfg.d_model, 1)
   assert offset == pytest.approx(summary['offset'])
   _, saved, _ = checkpoint_lib.load_stage(tmp_path / 'rm')
@@ -80,8 +83,8 @@ def test_reward_model_learns_separable_pairs_loads_back_and_resumes(pretrained, 
   _, held, _ = rm_experiment.load_pairs(resolved['data'], resolved['seed'])
   arrays = preferences.tokenize_pairs(tokenizer, held, 48)
   score_fn = rm_experiment.make_score_fn(model_lib.Transformer(cfg))
-  c, r = rm_experiment.score_pairs(score_fn, params, arrays, 32)
-  again = rm_experiment.pair_metrics(c, r)
+  c, r = reward_model.score_pairs(score_fn, params, arrays, 32)
+  again = reward_model.pair_metrics(c, r)
   assert again['accuracy'] == h['accuracy']
   assert again['margin'] == pytest.approx(h['margin'], rel=1e-4, abs=1e-5)
 
@@ -92,6 +95,22 @@ def test_reward_model_learns_separable_pairs_loads_back_and_resumes(pretrained, 
   assert resumed['offset'] == pytest.approx(summary['offset'], rel=1e-4, abs=1e-5)
   rows_after = (tmp_path / 'rm' / 'metrics.jsonl').read_text().splitlines()
   assert not [l for l in rows_after[len(rows):] if 'train/loss' in l]
+
+  # Killed after step 25 (checkpoint at 20, rows of 21-25 written), then resumed: it
+  # restores step 20 with its batch position, takes steps 21-40 only, and ends with the
+  # uninterrupted run's losses, held-out scores and offset.
+  with loop_lib.simulate_kill(25), pytest.raises(loop_lib.SimulatedKill):
+    rm_experiment.train(config, tmp_path / 'killed', pretrained)
+  assert checkpoint_lib.Checkpointer(tmp_path / 'killed').latest_step() == 20
+  assert max(r['step'] for r in loop_lib.read_metrics(tmp_path / 'killed')) == 25
+  again = rm_experiment.train(config, tmp_path / 'killed', pretrained)
+  assert (again['loop']['resumed_from'], again['loop']['steps_run']) == (20, 20)
+  train_losses = lambda w: [(r['step'], r['train/loss']) for r in loop_lib.read_metrics(w)
+                            if 'train/loss' in r]
+  got, expected = train_losses(tmp_path / 'killed'), train_losses(tmp_path / 'rm')
+  assert [s for s, _ in got] == [1, 5, 10, 15, 20, 21, 25, 30, 35, 40]  # 21: a call's first
+  assert {s: l for s, l in got if s != 21} == dict(expected)
+  assert again['heldout']['margin'] == h['margin'] and again['offset'] == summary['offset']
 
   # A different model config is refused, not overwritten.
   with pytest.raises(checkpoint_lib.CheckpointError, match='different model'):
@@ -111,12 +130,16 @@ def test_reward_model_learns_separable_pairs_loads_back_and_resumes(pretrained, 
 
 
 def test_batches_are_seeded_epochs_and_resumable():
-  steps = [rm_experiment.batch_indices(10, 4, s, seed=3) for s in range(5)]
+  sampler = data_lib.EpochSampler(10, 4, seed=3)
+  steps = [next(sampler) for _ in range(5)]
   flat = np.concatenate(steps)
   assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
   assert not np.array_equal(flat[:10], flat[10:20])  # a new permutation each epoch
-  np.testing.assert_array_equal(rm_experiment.batch_indices(10, 4, 3, seed=3), steps[3])
-  assert len(rm_experiment.batch_indices(3, 8, 0, seed=0)) == 8  # fewer pairs than a batch
+  np.testing.assert_array_equal(flat[:10], np.random.default_rng([3, 0]).permutation(10))
+  resumed = data_lib.EpochSampler(10, 4, seed=3)
+  resumed.set_state(data_lib.EpochSampler(10, 4, seed=3, position=12).get_state())
+  np.testing.assert_array_equal(next(resumed), steps[3])
+  assert len(next(data_lib.EpochSampler(3, 8, seed=0))) == 8  # fewer items than a batch
 
 
 def test_cli_errors_are_one_line(pretrained, tmp_path):
