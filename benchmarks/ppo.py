@@ -9,7 +9,7 @@ reward/value model is the same Transformer with a scalar head). Times, as median
 
   iteration  the whole jitted `ppo.make_ppo_iteration` (what experiments.rlhf runs);
   sampling   a jitted `sampling.generate` alone on the same batch (the rollout);
-  scoring    a jitted reward-model forward on that rollout (`reward_model.score_rollout`);
+  scoring    a jitted reward-model forward on that rollout (`reward_model.make_reward_fn`, as the RLHF stage);
   update     the remainder: old / reference / value forwards, GAE and the
              epochs × minibatches policy and value updates;
   gold       VADER on the batch's decoded-size texts (Python, outside jit), if installed.
@@ -33,6 +33,7 @@ from benchmarks import common as bench
 from configs import pretrain as pretrain_config
 from configs import rlhf as rlhf_config
 from experiments import rlhf
+from research import rl_tasks
 from research import model as model_lib
 from research import ppo
 from research import reward_model
@@ -104,9 +105,12 @@ def main(argv):
   tx_value = None if grpo else optax.chain(optax.clip_by_global_norm(pc.grad_clip),
                                            optax.adam(pc.value_lr))
   rm_model = model_lib.Transformer(rm_cfg)
+  # The reward function the RLHF stage runs: responses closed by the stop token (a real
+  # id here, while sampling never stops early: eos -1).
+  reward_fn = reward_model.make_reward_fn(rm_model, 0, stop_id=3, close=rc.score_with_stop)
   iteration = jax.jit(ppo.make_ppo_iteration(
       model_lib.Transformer(cfg), None if grpo else rm_model, None,
-      reward_model.make_reward_fn(rm_model), tx, tx_value, ppo_cfg, eos), donate_argnums=0)
+      reward_fn, tx, tx_value, ppo_cfg, eos), donate_argnums=0)
   state = ppo.init_ppo_state(jax.tree.map(jnp.copy, params), tx, ppo_cfg, jax.random.key(0),
                              value_params=None if grpo else jax.tree.map(jnp.copy, rm_params),
                              tx_value=tx_value)
@@ -129,8 +133,8 @@ def main(argv):
   compile_generate = bench.compile_seconds(generate, params, prompt, lengths, jax.random.key(0))
   gen = jax.block_until_ready(generate(params, prompt, lengths, jax.random.key(0)))
   t_sample = _median(lambda: generate(params, prompt, lengths, jax.random.key(1)), _REPEATS.value)
-  score = jax.jit(lambda rm_params, prompt, lengths, tokens, valid: reward_model.score_rollout(
-      rm_params, rm_model, prompt, lengths, tokens, valid))
+  score = jax.jit(lambda rm_params, prompt, lengths, tokens, valid: reward_fn(
+      prompt, lengths, tokens, valid, rm_params))
   score_args = (rm_params, prompt, lengths, gen.tokens_BxN, gen.valid_BxN)
   jax.block_until_ready(score(*score_args))
   t_score = _median(lambda: score(*score_args), _REPEATS.value)
@@ -138,7 +142,7 @@ def main(argv):
 
   t_gold = None
   try:
-    gold = rlhf.make_gold('vader')
+    gold = rl_tasks.make_gold('vader')
     words = ('the nation shall prosper in peace and our great people will not fear the war '
              'that threatens trade').split()
     rng = np.random.default_rng(0)

@@ -204,3 +204,24 @@ def save_params_stage(out, config: dict, tokenizer: tokenizer_lib.Tokenizer, par
   finally:
     ckpt.close()
   return out
+
+
+def pretraining_split(init_workdir, default_fraction: float) -> tuple[Optional[str], float, int]:
+  """(corpus, validation fraction, split seed) of the pretraining run behind an init.
+
+  Follows the `init` links of SFT-like configs to the first config with `data.corpus`;
+  (None, default_fraction, 0) when there is none.
+  """
+  workdir = pathlib.Path(init_workdir)
+  for _ in range(8):
+    config = load_config(workdir)
+    if config is None:
+      break
+    dc = config.get('data', {})
+    if 'corpus' in dc:
+      return dc['corpus'], dc.get('validation_fraction', default_fraction), \
+          dc.get('split_seed', config.get('seed', 0))
+    if not config.get('init'):
+      break
+    workdir = pathlib.Path(config['init'])
+  return None, default_fraction, 0

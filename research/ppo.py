@@ -49,6 +49,7 @@ not constants closed over (jit would bake them into the compiled program): the
 iteration takes `ref_params` and `reward_args` arguments for that.
 """
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import flax
@@ -57,6 +58,7 @@ import jax.numpy as jnp
 import optax
 
 from research import model as model_lib
+from research import reward_model
 from research import sampling
 
 F32 = jnp.float32
@@ -578,3 +580,102 @@ def make_ppo_iteration(policy_model, value_model, ref_params, reward_fn: Callabl
     return new_state, metrics, rollout
 
   return iteration
+
+
+def sequence_kl_and_entropy(params, ref_params, model, prompt_BxP, lengths_B, tokens_BxN,
+                            valid_BxN, pad_id: int = 0):
+  """Per-sequence KL(π ‖ π_ref) of sampled responses, and mean entropy per token.
+
+  Returns (k1_B, k3_B, entropy_B), float32: k1 = Σ_t (log π − log π_ref) and k3 =
+  Σ_t (r − 1 − log r), r = π_ref/π (Schulman 2020's estimators), summed over each
+  row's valid tokens; entropy = mean over valid tokens of the policy's entropy (nats).
+  An unbiased estimate of the sequence KL needs the responses sampled from π at
+  temperature 1.
+  """
+  seq = sequence_from_rollout(prompt_BxP, lengths_B, tokens_BxN, valid_BxN, pad_id)
+  p, n = prompt_BxP.shape[1], tokens_BxN.shape[1]
+  logp, entropy = response_logprobs_and_entropy(params, model, seq, p, n)
+  ref_logp, _ = response_logprobs_and_entropy(ref_params, model, seq, p, n)
+  k1 = jnp.sum(jnp.where(valid_BxN, logp - ref_logp, 0.0), axis=1)
+  k3 = jnp.sum(jnp.where(valid_BxN, kl_k3(logp, ref_logp), 0.0), axis=1)
+  count = jnp.maximum(jnp.sum(valid_BxN, 1), 1)
+  return k1, k3, jnp.sum(jnp.where(valid_BxN, entropy, 0.0), axis=1) / count
+
+
+def state_tree(state: PPOState) -> dict:
+  """The PPO state as a plain dict Orbax saves (rng as key data; no None entries)."""
+  tree = dict(policy_params=state.policy_params, policy_opt_state=state.policy_opt_state,
+              beta=state.beta, step=state.step, rng=jax.random.key_data(state.rng))
+  if state.value_params is not None:
+    tree.update(value_params=state.value_params, value_opt_state=state.value_opt_state)
+  return tree
+
+
+def state_from_tree(tree: dict) -> PPOState:
+  return PPOState(policy_params=tree['policy_params'],
+                      policy_opt_state=tree['policy_opt_state'],
+                      value_params=tree.get('value_params'),
+                      value_opt_state=tree.get('value_opt_state'), beta=tree['beta'],
+                      step=tree['step'], rng=jax.random.wrap_key_data(tree['rng']))
+
+
+def abstract_tree(tree):
+  """ShapeDtypeStructs of a state tree, on the first device (where a restore puts it)."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+
+# Compile options for the small RL programs (tests, the tiny presets): compile time
+# dominates there, and the unoptimised programs run fast enough.
+FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_cpu_use_fusion_emitters': False}
+
+
+def _jit(fn, fast: bool):
+  return jax.jit(fn, compiler_options=FAST_COMPILE if fast else None)
+
+
+@dataclasses.dataclass
+class RolloutPrograms:
+  """The jitted pieces an RL run needs outside its iteration (cached: one compile per
+  batch shape and model): sampling, proxy scores and KL for evaluations and pairs.
+
+  generate(params, prompt, lengths, rng) -> Generation at temperature 1;
+  kl(params, ref_params, prompt, lengths, tokens, valid) -> (k1, k3, entropy) per row;
+  score(prompt, lengths, tokens, valid, rm_params, offset) -> proxy per row (None before
+  the reward model exists).
+  """
+  generate: Callable
+  kl: Callable
+  score: Optional[Callable] = None
+
+  @classmethod
+  @functools.lru_cache(maxsize=8)
+  def make(cls, policy_cfg, rm_cfg, n: int, stop_id: int, pad_id: int, close: bool, fast: bool):
+    model = model_lib.Transformer(policy_cfg)
+    generate = lambda params, prompt, lengths, rng: sampling.generate(
+        params, prompt, lengths, rng, cfg=policy_cfg, max_new_tokens=n, eos_id=stop_id,
+        pad_id=pad_id, temperature=1.0)
+    kl = lambda params, ref, prompt, lengths, tokens, valid: sequence_kl_and_entropy(
+        params, ref, model, prompt, lengths, tokens, valid, pad_id)
+    score = None if rm_cfg is None else _jit(reward_model.make_reward_fn(
+        model_lib.Transformer(rm_cfg), pad_id, stop_id, close), fast)
+    return cls(generate=_jit(generate, fast), kl=_jit(kl, fast), score=score)
+
+
+@functools.lru_cache(maxsize=4)
+def jitted_iteration(policy_cfg, rm_cfg, cfg: PPOConfig, policy_lr: float, value_lr: float,
+                  grad_clip: float, stop_id: int, pad_id: int, close: bool, fast: bool):
+  """-> (jitted `make_ppo_iteration` with Adam optimisers and the reward model's closing
+  reward function, tx_policy, tx_value); cached so a process compiles it once. GRPO has
+  no value model (tx_value None). `fast` compiles with FAST_COMPILE."""
+  grpo = cfg.advantage == 'grpo'
+  tx_policy = optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(policy_lr))
+  tx_value = None if grpo else optax.chain(optax.clip_by_global_norm(grad_clip),
+                                           optax.adam(value_lr))
+  rm_model = model_lib.Transformer(rm_cfg)
+  iteration = make_ppo_iteration(
+      model_lib.Transformer(policy_cfg), None if grpo else rm_model, None,
+      reward_model.make_reward_fn(rm_model, pad_id, stop_id, close), tx_policy, tx_value, cfg, stop_id,
+      pad_id=pad_id)
+  return (jax.jit(iteration, donate_argnums=0, compiler_options=FAST_COMPILE if fast else None),
+          tx_policy, tx_value)

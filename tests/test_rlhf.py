@@ -17,11 +17,15 @@ import pytest
 from configs import pretrain as pretrain_config
 from configs import rlhf as rlhf_config
 from experiments import common
+from experiments import loop as loop_lib
 from experiments import rlhf
+from experiments import rlhf_report
 from research import checkpoint as checkpoint_lib
 from research import data as data_lib
 from research import model as model_lib
+from research import ppo
 from research import reward_model
+from research import rl_tasks
 from research import tokenizer as tokenizer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -89,7 +93,7 @@ def config_for(root, **extra):
 
 def train_rows(workdir):
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  drop = ('seconds', 'prompt_position')
+  drop = ('seconds', 'per_second', 'prompt_position')
   return [{k: v for k, v in r.items() if not any(d in k for d in drop)} for r in rows]
 
 
@@ -114,6 +118,12 @@ def test_end_to_end_and_exact_resume(pretrained, tmp_path):
     assert needle in text, needle
   for name in summary['plots']:
     assert (full / name).stat().st_size > 1000
+  # The report is rebuilt from the run's files alone, identically.
+  (full / 'report.md').unlink()
+  (full / 'overoptimization.png').unlink()
+  assert rlhf_report.main(['rlhf_report', f'--workdir={full}']) == 0
+  assert (full / 'report.md').read_text() == text
+  assert (full / 'overoptimization.png').stat().st_size > 1000
   rows = train_rows(full)
   train = [r for r in rows if 'train/kl_k1' in r]
   assert [r['step'] for r in train] == [1, 2, 3, 4]
@@ -134,11 +144,15 @@ def test_end_to_end_and_exact_resume(pretrained, tmp_path):
   # same final policy and the same metrics as the uninterrupted run (same reward model).
   resumed = tmp_path / 'resumed'
   config = config_for(pretrained, reward_model_workdir=full / 'reward_model')
-  partial = rlhf.run(config, resumed, init, stop_after=3)
-  assert partial['interrupted'] and partial['step'] == 3
+  with loop_lib.simulate_kill(3), pytest.raises(loop_lib.SimulatedKill):
+    rlhf.run(config, resumed, init)
+  assert checkpoint_lib.Checkpointer(resumed).latest_step() == 2
   assert max(r['step'] for r in train_rows(resumed)) == 3
   again = rlhf.run(config, resumed, init)
   assert again['iterations'] == 4
+  # It restored iteration 2 (policy, value, β, rng, the prompt sampler's position) and
+  # ran iterations 3 and 4 only.
+  assert (again['loop']['resumed_from'], again['loop']['steps_run']) == (2, 2)
   resumed_params, _, _ = checkpoint_lib.load_stage(resumed / 'policy')
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                resumed_params, params)
@@ -155,13 +169,13 @@ def test_best_of_n_kl_formula_and_monotone_proxy():
   for n in (1, 2, 4, 16):
     p = (i / m) ** n - ((i - 1) / m) ** n
     exact = float(np.sum(np.where(p > 0, p * np.log(p * m), 0.0)))
-    assert rlhf.best_of_n_kl(n) == pytest.approx(exact, abs=2e-3), n
-  assert rlhf.best_of_n_kl(1) == 0.0
+    assert rl_tasks.best_of_n_kl(n) == pytest.approx(exact, abs=2e-3), n
+  assert rl_tasks.best_of_n_kl(1) == 0.0
 
   rng = np.random.default_rng(0)
   proxy = rng.normal(size=(50, 16))
   gold = proxy + rng.normal(size=(50, 16))
-  rows = rlhf.best_of_n(proxy, gold, (1, 2, 4, 8, 16))
+  rows = rl_tasks.best_of_n(proxy, gold, (1, 2, 4, 8, 16))
   means = [r['proxy'] for r in rows]
   assert all(b >= a for a, b in zip(means, means[1:])), means
   assert means[-1] > means[0] + 1.0
@@ -183,9 +197,9 @@ def test_reward_fn_scores_responses_closed_by_the_stop_token():
   lengths = np.array([3, 1, 2], np.int32)
   response = np.array([[11, 12, stop, 0], [13, 14, 15, 16], [17, 0, 0, 0]], np.int32)
   valid = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], bool)
-  fast = functools.partial(jax.jit, compiler_options=rlhf.FAST_COMPILE)
-  got = fast(rlhf.make_reward_fn(model, stop))(prompt, lengths, response, valid, params, 0.5)
-  seqs = [rlhf.closed(prompt[i, :lengths[i]], response[i, :valid[i].sum()], stop)
+  fast = functools.partial(jax.jit, compiler_options=ppo.FAST_COMPILE)
+  got = fast(reward_model.make_reward_fn(model, 0, stop))(prompt, lengths, response, valid, params, 0.5)
+  seqs = [reward_model.closed(prompt[i, :lengths[i]], response[i, :valid[i].sum()], stop)
           for i in range(3)]
   assert all(seq[-1] == stop and seq.count(stop) == 1 for seq in seqs)
   tokens = np.zeros((3, 8), np.int32)
@@ -194,7 +208,7 @@ def test_reward_fn_scores_responses_closed_by_the_stop_token():
   want = fast(lambda t, l: reward_model.sequence_scores(params, model, t, l))(
       tokens, np.asarray([len(seq) for seq in seqs], np.int32))
   np.testing.assert_allclose(got, np.asarray(want) - 0.5, rtol=1e-5, atol=1e-5)
-  plain = fast(rlhf.make_reward_fn(model, stop, close=False))(prompt, lengths, response, valid,
+  plain = fast(reward_model.make_reward_fn(model, 0, stop, close=False))(prompt, lengths, response, valid,
                                                               params, 0.5)
   np.testing.assert_allclose(plain[0], got[0], rtol=1e-5, atol=1e-6)  # already closed
   assert abs(float(plain[1]) - float(got[1])) > 1e-4
