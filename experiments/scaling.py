@@ -154,22 +154,17 @@ def prepare_corpus(config, study: pathlib.Path) -> tuple:
   # the validation documents.
   train_docs, _ = data_lib.split_documents(docs, dc.validation_fraction,
                                            seed=config.sweep.seeds[0])
-  if tok_path.exists():
-    tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
-  else:
-    t0 = time.time()
-    try:
-      tokenizer = tokenizer_lib.train_tokenizer((d.text for d in train_docs),
-                                                config.base.tokenizer.vocab_size,
-                                                seed=config.sweep.seeds[0])
-    except ValueError as e:
-      raise common.UserError(f'base.tokenizer.vocab_size: {e}') from None
+  t0 = time.time()
+  try:
+    tokenizer, trained = tokenizer_lib.load_or_train(
+        (tok_path,), lambda: (d.text for d in train_docs), config.base.tokenizer.vocab_size,
+        seed=config.sweep.seeds[0])
+  except ValueError as e:
+    raise common.UserError(f'base.tokenizer.vocab_size: {e}') from None
+  if trained:
     tokenizer.save(tok_path)
     common.log(f'tokenizer: vocab {tokenizer.vocab_size} trained in {time.time() - t0:.1f}s '
                f'-> {tok_path}')
-  if tokenizer.vocab_size != config.base.tokenizer.vocab_size:
-    raise common.UserError(f'{tok_path} has vocab {tokenizer.vocab_size}, config says '
-                           f'base.tokenizer.vocab_size={config.base.tokenizer.vocab_size}')
   train_tokens = data_lib.pack_documents(tokenizer, train_docs, dc.seq_len).num_tokens
   info_path.write_text(json.dumps(dict(tokenizer=str(tok_path), corpus=dc.corpus,
                                        train_tokens=train_tokens)))

@@ -10,6 +10,7 @@ import pytest
 from configs import compare_objectives as study_config
 from experiments import common
 from experiments import compare_objectives as study
+from experiments import compare_objectives_report as study_report
 from research import data as data_lib
 from research import tokenizer as tokenizer_lib
 
@@ -91,6 +92,12 @@ def test_micro_study_end_to_end_and_restart_skips_finished_runs(corpus, tmp_path
     assert heading in report
   assert (workdir / 'loss_vs_flops.png').stat().st_size > 0
   assert (workdir / 'downstream.png').stat().st_size > 0
+  # The report is rebuilt from the study's files alone, identically.
+  (workdir / 'report.md').unlink()
+  (workdir / 'downstream.png').unlink()
+  assert study_report.main(['report', f'--workdir={workdir}']) == 0
+  assert (workdir / 'report.md').read_text() == report
+  assert (workdir / 'downstream.png').stat().st_size > 0
   metrics = results['causal'][0]['metrics']
   for key in ('causal_loss', 'causal_loss_adapted', 'cloze_accuracy', 'pll_word_l2r',
               'era_finetune_accuracy', 'era_probe_accuracy'):
@@ -131,12 +138,12 @@ def test_findings_and_table_from_paired_seeds():
   config = study_config.get_config('cpu')
   common.apply_override(config, 'arms', "('causal','masked15','masked40')")
   results = _fake_results()
-  text = '\n'.join(study.findings(results, config))
+  text = '\n'.join(study_report.findings(results, config))
   assert 'The causal arm is best without adaptation: agrees' in text
   assert 'Most of the MLM→CLM gap closed: agrees' in text  # 2.5 of 3.0 nats closed
   assert 'Fine-tuning accuracy, masked minus causal' in text and ': agrees.' in text
   assert 'no clear difference' in text  # 40 % vs 15 % fine-tuning: mean 0, spread > 0
-  table = study.results_table(results, ['causal', 'masked15', 'masked40', study.RANDOM])
+  table = study_report.results_table(results, ['causal', 'masked15', 'masked40', study.RANDOM])
   assert '| 4.010 ± 0.010 [3.985, 4.035] |' in table  # causal loss: mean ± std [t-interval]
-  one_seed = study.findings(_fake_results(seeds=(0,)), config)
-  assert all(study.NOT_ENOUGH in f for f in one_seed)
+  one_seed = study_report.findings(_fake_results(seeds=(0,)), config)
+  assert all(study_report.NOT_ENOUGH in f for f in one_seed)
