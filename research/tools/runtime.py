@@ -28,7 +28,7 @@ learned positions are real token positions), and attention is by segment and
 position, not by slot (`kernels.attention_mask`), so idle rows (waiting on a tool,
 finished) write padding slots and every row decodes what it would decode alone, up to
 float rounding of masked keys. The cache starts with P + max_new_tokens + max_calls·W
-slots and grows (recompiling) when the idle and padding slots use it up.
+slots and doubles (recompiling) when the idle and padding slots use it up.
 
 Bounds: at most `max_calls` calls per row per turn (a further call is answered with an
 error without running the tool), results cut to `max_result_chars` characters and
@@ -64,8 +64,9 @@ RESULT_SUFFIX = (_IDS["tool_result_end"], _IDS["assistant"])
 _TURN_BOUNDARIES = frozenset((_IDS["system"], _IDS["user"], _IDS["assistant"],
                               _IDS["end_of_turn"], _IDS["tool_result"], _IDS["tool_result_end"],
                               TOOL_CALL_END))
-_MIN_CHUNK = 8
+_MIN_CHUNK = 32
 _SLOT_ROUND = 64
+_PROMPT_ROUND = 32
 
 
 @dataclasses.dataclass
@@ -147,7 +148,10 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _chunk_width(n: int, max_width: int) -> int:
-  """1 for decoding; else the next power of two >= n (at least _MIN_CHUNK), capped."""
+  """1 for decoding; else the next power of two >= n (at least _MIN_CHUNK), capped.
+
+  Few widths, few compiles (each (width, cache slots) pair compiles `_step` once).
+  """
   if n == 1:
     return 1
   w = _MIN_CHUNK
@@ -206,7 +210,7 @@ def generate_with_tools(
       the sampled one (its log-prob is still the model's). For scripted tests and
       constrained decoding.
     cache_len: initial cache slots (default P + max_new_tokens + max_calls · widest chunk,
-      rounded up to 64); the cache grows when needed.
+      rounded up to 64; at least the prompts); the cache grows when needed.
 
   Returns:
     `ToolGeneration`.
@@ -219,16 +223,18 @@ def generate_with_tools(
   if b == 0 or any(len(p) == 0 for p in prompts):
     raise ValueError("generate_with_tools needs at least one prompt, none empty")
   lengths = np.asarray([len(p) for p in prompts], np.int32)
-  p = int(lengths.max())
+  p = _round_up(int(lengths.max()), _PROMPT_ROUND)  # few prompt shapes: few compiles
   max_pos = cfg.max_len if cfg.position == 'learned' else None
-  if max_pos is not None and p > max_pos:
-    raise ValueError(f"a {p}-token prompt exceeds the model's {max_pos} learned positions")
+  if max_pos is not None and lengths.max() > max_pos:
+    raise ValueError(f"a {lengths.max()}-token prompt exceeds the model's {max_pos} learned "
+                     "positions")
   prompt_BxP = np.zeros((b, p), np.int32)
   for i, prompt in enumerate(prompts):
     prompt_BxP[i, :len(prompt)] = prompt
   params, cfg = sampling.unrolled(params, cfg)
   max_width = _round_up(1 + len(RESULT_PREFIX) + max_result_tokens + len(RESULT_SUFFIX), 8)
   slots = cache_len or _round_up(p + max_new_tokens + max_calls * max_width, _SLOT_ROUND)
+  slots = max(slots, _round_up(p + max_width, _SLOT_ROUND))
   rng = jax.random.key(seed)
   sample_args = dict(top_k=top_k, top_p=top_p)
   temperature = jnp.float32(temperature)
@@ -292,8 +298,10 @@ def generate_with_tools(
     else:
       feed[r] = [token]
 
+  # Prefilled into a cache of exactly P slots, then grown: one compile per prompt width.
   token_B, logprob_B, cache = _prefill(params, prompt_BxP, lengths, forced(range(b)), rng,
-                                       temperature, cfg=cfg, cache_len=slots, **sample_args)
+                                       temperature, cfg=cfg, cache_len=p, **sample_args)
+  cache = grow_cache(cache, slots)
   index = p  # the cache's next free slot (host copy of cache.index)
   steps = 0
   with concurrent.futures.ThreadPoolExecutor(max_workers, "tool") as pool:
@@ -311,7 +319,7 @@ def generate_with_tools(
         continue
       width = _chunk_width(max(len(feed[r]) for r in live), max_width)
       if index + width > slots:
-        slots = _round_up(max(index + width, slots + slots // 2), _SLOT_ROUND)
+        slots = _round_up(max(index + width, 2 * slots), _SLOT_ROUND)
         cache = grow_cache(cache, slots)
       tokens_BxW = np.zeros((b, width), np.int32)
       positions_BxW = np.zeros((b, width), np.int32)
