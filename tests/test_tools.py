@@ -501,6 +501,24 @@ def test_eos_stops_a_row_and_results_are_cut(tok, params):
   assert out.tokens[0][-1] == EOT and out.sampled[0].sum() == len(plans[0])
 
 
+def test_chat_session_with_tools(tok, params, monkeypatch):
+  from experiments import chat as chat_cli  # pylint: disable=g-import-not-at-top
+  plan = call_ids(tok, "calculator", {"expression": "2 + 3"}) + [None] * 3 + [EOT]
+  monkeypatch.setattr(runtime, "generate_with_tools", functools.partial(
+      runtime.generate_with_tools, force=Script([plan]), max_result_tokens=RESULT_TOKENS,
+      cache_len=CACHE_LEN))
+  session = chat_cli.ChatSession(params, CFG, tok, temperature=0.0, max_new_tokens=MAX_NEW,
+                                 tools={"calculator": registry.default_tools()["calculator"]})
+  shown = []
+  answer = session.reply("what is 2 + 3?", on_text=shown.append)
+  assert session.messages[1:] == [
+      {"role": "assistant", "content": "", "tool_calls": [
+          {"name": "calculator", "arguments": {"expression": "2 + 3"}}]},
+      {"role": "tool", "content": "5"},
+      {"role": "assistant", "content": answer}]
+  assert answer and "".join(shown) == '[calculator {"expression": "2 + 3"} -> 5]\n' + answer
+
+
 # ----------------------------------------------------------------------------
 # SFT data.
 
