@@ -502,21 +502,31 @@ def test_eos_stops_a_row_and_results_are_cut(tok, params):
 
 
 def test_chat_session_with_tools(tok, params, monkeypatch):
+  """The chat CLI's tool mode turns a runtime output into messages (the runtime is faked:
+  it is tested above, and a batch of one would compile its own steps)."""
   from experiments import chat as chat_cli  # pylint: disable=g-import-not-at-top
-  plan = call_ids(tok, "calculator", {"expression": "2 + 3"}) + [None] * 3 + [EOT]
-  monkeypatch.setattr(runtime, "generate_with_tools", functools.partial(
-      runtime.generate_with_tools, force=Script([plan]), max_result_tokens=RESULT_TOKENS,
-      cache_len=CACHE_LEN))
-  session = chat_cli.ChatSession(params, CFG, tok, temperature=0.0, max_new_tokens=MAX_NEW,
-                                 tools={"calculator": registry.default_tools()["calculator"]})
+  answer_ids = tok.encode_text("2 + 3 = 5")
+  tokens = (call_ids(tok, "calculator", {"expression": "2 + 3"})
+            + runtime.result_block(tok, "5", RESULT_TOKENS) + answer_ids + [EOT])
+  seen = {}
+
+  def fake_generate(params, cfg, tokenizer, prompts, tools, **kwargs):
+    seen.update(prompts=prompts, tools=tools)
+    return runtime.ToolGeneration([tokens], [], [], [], ["eos"], np.zeros(1), np.zeros(1), 0, 0)
+
+  monkeypatch.setattr(runtime, "generate_with_tools", fake_generate)
+  tools = {"calculator": registry.default_tools()["calculator"]}
+  session = chat_cli.ChatSession(params, CFG, tok, temperature=0.0, max_new_tokens=16,
+                                 tools=tools)
   shown = []
-  answer = session.reply("what is 2 + 3?", on_text=shown.append)
+  assert session.reply("what is 2 + 3 ?", on_text=shown.append) == "2 + 3 = 5"
+  assert seen["tools"] is tools and seen["prompts"] == [prompts_of(tok)[0]]
   assert session.messages[1:] == [
       {"role": "assistant", "content": "", "tool_calls": [
           {"name": "calculator", "arguments": {"expression": "2 + 3"}}]},
       {"role": "tool", "content": "5"},
-      {"role": "assistant", "content": answer}]
-  assert answer and "".join(shown) == '[calculator {"expression": "2 + 3"} -> 5]\n' + answer
+      {"role": "assistant", "content": "2 + 3 = 5"}]
+  assert "".join(shown) == '[calculator {"expression": "2 + 3"} -> 5]\n2 + 3 = 5'
 
 
 # ----------------------------------------------------------------------------

@@ -116,18 +116,23 @@ def _prefill(params, prompt_BxP, lengths_B, forced_B, rng, temperature, *, cfg, 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'top_k', 'top_p'), donate_argnums=(1,))
 def _step(params, cache, tokens_BxW, positions_BxW, segment_ids_BxW, last_B, forced_B, rng,
-          temperature, *, cfg, top_k, top_p):
+          step, temperature, *, cfg, top_k, top_p):
   """One chunk per row through the cached forward -> (token B, log-prob B, cache).
 
-  tokens_BxW: each row's real tokens left-aligned, then pads (segment id 0).
-  last_B: column of each row's last real token (its logits pick the next token).
+  tokens_BxW, positions_BxW, segment_ids_BxW: int32; each row's real tokens left-aligned
+    at their real positions with segment id 1, then pads (segment id 0, never attended).
+    The chunk is written at cache slots [cache.index, cache.index + W).
+  last_B: int32, column of each row's last real token (its logits pick the next token).
+  forced_B: int32, a token to take instead of sampling, or -1.
+  rng, step: the sample is drawn with fold_in(rng, step).
   """
   hidden_BxWxD, _, cache = model_lib.Transformer(cfg).apply(
       {'params': params}, tokens_BxW, positions_BxW, segment_ids_BxW,
       jnp.zeros(tokens_BxW.shape, bool), cache=cache)
   h_Bx1xD = jnp.take_along_axis(hidden_BxWxD, last_B[:, None, None], axis=1)
   logits_BxV = model_lib.logits(params, h_Bx1xD, cfg.compute_dtype)[:, 0]
-  return (*_pick(logits_BxV, forced_B, rng, temperature, top_k, top_p), cache)
+  return (*_pick(logits_BxV, forced_B, jax.random.fold_in(rng, step), temperature, top_k,
+                 top_p), cache)
 
 
 def grow_cache(cache: model_lib.KVCache, num_slots: int) -> model_lib.KVCache:
@@ -335,9 +340,8 @@ def generate_with_tools(
       steps += 1
       index += width
       token_B, logprob_B, cache = _step(params, cache, tokens_BxW, positions_BxW,
-                                        segment_ids_BxW, last_B, forced_B,
-                                        jax.random.fold_in(rng, steps), temperature, cfg=cfg,
-                                        **sample_args)
+                                        segment_ids_BxW, last_B, forced_B, rng,
+                                        np.int32(steps), temperature, cfg=cfg, **sample_args)
       token_B, logprob_B = np.asarray(token_B), np.asarray(logprob_B)
       for r in live:
         pos[r] += len(feed[r])
