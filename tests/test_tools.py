@@ -501,6 +501,15 @@ def test_eos_stops_a_row_and_results_are_cut(tok, params):
   assert out.tokens[0][-1] == EOT and out.sampled[0].sum() == len(plans[0])
 
 
+def test_sampling_is_seeded(tok, params):
+  run = lambda seed: runtime.generate_with_tools(
+      params, CFG, tok, prompts_of(tok), {}, max_new_tokens=8, eos_id=-1, temperature=1.0,
+      seed=seed, max_result_tokens=RESULT_TOKENS, cache_len=CACHE_LEN)
+  a, b, c = run(0), run(0), run(1)
+  assert a.tokens == b.tokens and a.tokens != c.tokens
+  assert all((lp < 0).all() for lp in a.logprobs)
+
+
 def test_chat_session_with_tools(tok, params, monkeypatch):
   """The chat CLI's tool mode turns a runtime output into messages (the runtime is faked:
   it is tested above, and a batch of one would compile its own steps)."""
