@@ -29,7 +29,6 @@ from research.tools import registry
 from research.tools import runtime
 from research.tools import schema as schema_lib
 from research.tools import search as search_lib
-from tests.test_sampling import init_params
 from tests.test_tokenizer import synthetic_corpus
 
 CALL, CALL_END = runtime.TOOL_CALL, runtime.TOOL_CALL_END
@@ -306,6 +305,19 @@ RESULT_TOKENS = 12
 @pytest.fixture(scope="module")
 def tok():
   return tokenizer_lib.train_tokenizer(synthetic_corpus(), vocab_size=430)
+
+
+def init_params(cfg, seed=0):
+  """Random params drawn by numpy (compiling the model's init costs CPU-seconds)."""
+  z = jnp.zeros((1, 8), jnp.int32)
+  shapes = jax.eval_shape(model_lib.Transformer(cfg).init, jax.random.key(0), z, z, z,
+                          jnp.zeros((1, 8), bool))["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    noise = rng.normal(0.0, cfg.init_std, leaf.value.shape).astype(np.float32)
+    return noise + 1.0 if path[-1].key == "scale" else noise
+  return jax.tree_util.tree_map_with_path(draw, shapes, is_leaf=lambda x: hasattr(x, "value"))
 
 
 @pytest.fixture(scope="module")
