@@ -3,14 +3,21 @@
   python -m experiments.chat --workdir=runs/sft                 # interactive
   python -m experiments.chat --workdir=runs/sft --prompt="Hi!"  # one reply, then exit
       [--system="..."] [--temperature=0.7] [--top_k=0] [--top_p=0.95] [--max_new_tokens=128]
+      [--tools]  # the model may call calculator, search and python (research/tools)
 
 Interactive commands: /reset (forget the conversation), /quit (or Ctrl-D). Tokens are
 printed as they are decoded (KV-cache prefill of the conversation, then one cached
 decode step per token). The conversation is kept across turns; when it no longer fits
 the model's context, the oldest turns are dropped (whole turns, never half a turn).
+
+With --tools a reply is decoded by `research.tools.runtime.generate_with_tools`: when
+the model closes a `<|tool_call|>`, the tool runs and its result is pasted into the
+context; each call and result is printed as a line, then the final answer (not
+streamed token by token).
 """
 import dataclasses
 import functools
+import json
 import sys
 
 import jax
@@ -22,6 +29,8 @@ from research import chat
 from research import checkpoint as checkpoint_lib
 from research import model as model_lib
 from research import sampling
+from research.tools import registry as tool_registry
+from research.tools import runtime as tool_runtime
 
 class UserError(Exception):
   """Printed as one line."""
@@ -52,6 +61,7 @@ class ChatSession:
   top_p: float = 0.95
   max_new_tokens: int = 128
   seed: int = 0
+  tools: dict | None = None  # name -> research.tools.registry.Tool; None: no tool use
   messages: list = dataclasses.field(default_factory=list)
 
   def __post_init__(self):
@@ -78,6 +88,8 @@ class ChatSession:
     text as it is decoded), adds it to the history and returns it."""
     self.messages.append({'role': 'user', 'content': text})
     ids = self._prompt_ids()
+    if self.tools is not None:
+      return self._reply_with_tools(ids, on_text)
     eot = self.tokenizer.chat_ids['end_of_turn']
     # Prompts padded to a multiple of 64 columns: a few compiled shapes, not one per turn.
     width = -(-len(ids) // 64) * 64
@@ -104,6 +116,26 @@ class ChatSession:
     if answer != shown:
       on_text(answer[len(shown):])
     self.messages.append({'role': 'assistant', 'content': answer})
+    return answer
+
+  def _reply_with_tools(self, ids, on_text) -> str:
+    """The turn decoded with tool calls; its messages (calls, results, answer) are added
+    to the history, each call shown as "[name args -> result]"; returns the answer."""
+    out = tool_runtime.generate_with_tools(
+        self.params, self.cfg, self.tokenizer, [ids], self.tools,
+        max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+        top_p=self.top_p, seed=self.seed + self.turns)
+    self.turns += 1
+    messages = chat.parse(self.tokenizer,
+                          [self.tokenizer.chat_ids['assistant']] + out.tokens[0])
+    for m in messages:
+      for call in m.get('tool_calls', ()):
+        on_text(f'[{call["name"]} {json.dumps(call["arguments"])} -> ')
+      if m['role'] == 'tool':
+        on_text(f'{m["content"]}]\n')
+    answer = messages[-1]['content'] if messages and messages[-1]['role'] == 'assistant' else ''
+    on_text(answer)
+    self.messages += messages
     return answer
 
 
@@ -150,7 +182,9 @@ def define_flags():
       top_k=lambda: flags.DEFINE_integer('top_k', 0,
                                          'Sample among the k most likely tokens (0: all).'),
       top_p=lambda: flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling mass (1: off).'),
-      seed=lambda: flags.DEFINE_integer('seed', 0, 'Sampling seed.'))
+      seed=lambda: flags.DEFINE_integer('seed', 0, 'Sampling seed.'),
+      tools=lambda: flags.DEFINE_bool('tools', False, 'Let the model call calculator, '
+                                      'search (State of the Union speeches) and python.'))
   return {name: fn() for name, fn in define.items()}
 
 
@@ -168,7 +202,8 @@ def main(argv, chat_flags):
                       '0 < --top_p <= 1')
     session = load_session(f['workdir'], system=f['system'], temperature=f['temperature'],
                            top_k=f['top_k'], top_p=f['top_p'],
-                           max_new_tokens=f['max_new_tokens'], seed=f['seed'])
+                           max_new_tokens=f['max_new_tokens'], seed=f['seed'],
+                           tools=tool_registry.default_tools() if f['tools'] else None)
     if session.cfg.max_len <= f['max_new_tokens']:
       raise UserError(f'--max_new_tokens={f["max_new_tokens"]} leaves no room in the '
                       f'model\'s {session.cfg.max_len}-token context')
