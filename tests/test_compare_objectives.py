@@ -81,6 +81,7 @@ def test_budget_is_equal_across_all_arms_and_asserted(corpus, tmp_path):
     study.check_equal_budget({'causal': first, 'masked15': {**first, 'data_order': 'x'}})
 
 
+@pytest.mark.slow
 def test_micro_study_end_to_end_and_restart_skips_finished_runs(corpus, tmp_path, monkeypatch):
   config = micro_config(corpus)
   workdir = tmp_path / 'study'

@@ -13,6 +13,8 @@ from experiments import pipeline
 from experiments import pipeline_report
 from tests.test_rlhf import write_corpus
 
+pytestmark = pytest.mark.slow
+
 # Steps of each Loop.run of the test preset, in order: pretrain, sft, the proxy reward
 # model, PPO.
 LOOP_STEPS = (6, 6, 4, 2)

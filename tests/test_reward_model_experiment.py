@@ -56,6 +56,7 @@ def rm_config_for(path, steps=40):
               train__checkpoint_every=20)
 
 
+@pytest.mark.slow
 def test_reward_model_learns_separable_pairs_loads_back_and_resumes(pretrained, tmp_path):
   data = write_pairs(tmp_path / 'pairs.jsonl', 200)
   config = rm_config_for(data)
