@@ -157,8 +157,15 @@ def hf_config(model: Mapping[str, Any], objective: str | None = None) -> dict:
       pad_token_id=tokenizer_lib.PAD_ID, dtype=cfg.param_dtype)
   if cfg.scalar_head:
     out.update(num_labels=1, id2label={'0': 'LABEL_0'}, label2id={'LABEL_0': 0})
-  out[RESEARCH_KEY] = dict(model=dict(dataclasses.asdict(cfg)), objective=objective)
+  out[RESEARCH_KEY] = dict(model=dict(model), objective=objective)
   return out
+
+
+def _architecture(cfg: model_lib.TransformerConfig) -> tuple:
+  """What the HF config determines, resolved (None / 0 defaults spelled out)."""
+  return (cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.kv_heads,
+          cfg.dim_per_head, cfg.hidden_dim, cfg.mlp, cfg.norm, cfg.norm_eps, cfg.position,
+          cfg.rope_theta, cfg.tie_embeddings, cfg.scalar_head, cfg.param_dtype)
 
 
 def _dtype_name(hf: Mapping[str, Any]) -> str:
@@ -168,10 +175,11 @@ def _dtype_name(hf: Mapping[str, Any]) -> str:
 def model_config_from_hf(hf: Mapping[str, Any]) -> dict:
   """A transformers config.json dict -> our model config dict.
 
-  Llama and Arcee (CausalLM or SequenceClassification with one label). Settings the HF
-  config does not have (scan_layers, ...) come from our stashed config when the
-  checkpoint was exported here, else from TransformerConfig's defaults (with
-  max_len = max_position_embeddings).
+  Llama and Arcee (CausalLM or SequenceClassification with one label). A checkpoint
+  exported from here gives back our stashed config verbatim when the HF keys still
+  agree with it; otherwise the HF keys decide, settings HF does not have (scan_layers,
+  ...) come from the stash if any, else TransformerConfig's defaults (with max_len =
+  max_position_embeddings).
 
   Raises:
     ConversionError: naming every HF config key whose value we cannot represent.
@@ -222,10 +230,15 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> dict:
       tie_embeddings=bool(hf.get('tie_word_embeddings', False)), scalar_head=scalar_head,
       param_dtype='bfloat16' if dtype == 'bfloat16' else 'float32',
       init_std=float(hf.get('initializer_range', 0.02)))
-  for key in _TRAINING_ONLY:
-    if key in stashed:
-      model[key] = stashed[key]
   cfg = model_lib.TransformerConfig.from_dict(model)  # validates
+  if stashed:
+    try:
+      same = _architecture(model_lib.TransformerConfig.from_dict(stashed)) == _architecture(cfg)
+    except (ValueError, TypeError):
+      same = False
+    if same:  # exported from here and not edited since: our config exactly as it was
+      return stashed
+    cfg = dataclasses.replace(cfg, **{k: stashed[k] for k in _TRAINING_ONLY if k in stashed})
   out = dataclasses.asdict(cfg)
   for key in ('num_kv_heads', 'head_dim', 'mlp_dim'):  # the 0-for-None spelling of configs
     out[key] = out[key] or 0
