@@ -38,13 +38,14 @@ FILES = ('config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config
          'tokenizer.model', 'generation_config.json')
 
 
-def check_out(out) -> pathlib.Path:
-  """--out as a path; UserError unless it is new or an empty directory."""
+def check_out(out, flag: str = '--out') -> pathlib.Path:
+  """`out` as a path; UserError (naming `flag`) unless it is new or an empty directory."""
   if not out:
-    raise common.UserError('--out is required (the directory to write)')
+    raise common.UserError(f'{flag} is required (the directory to write)')
   out = pathlib.Path(out)
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
-    raise common.UserError(f'--out={out} exists and is not an empty directory: choose a new one')
+    raise common.UserError(f'{flag}={out} exists and is not an empty directory: choose a new '
+                           'one')
   return out
 
 
@@ -113,6 +114,9 @@ def export(workdir, out, dtype: str = '', log=common.log) -> pathlib.Path:
       'tokenizer.model': tokenizer.to_bytes(),
       'generation_config.json': as_json(hf.generation_config()),
   })
+  if objective in ('prefix', 'span'):
+    log(f'note: a {objective} checkpoint read its prompts bidirectionally in training; '
+        'transformers runs it causally (as our sampler does for causal checkpoints)')
   n = sum(v.size for v in state.values())
   log(f'{workdir} -> {out}: {hf_config["architectures"][0]}, {n / 1e6:.2f}M params '
       f'({hf_config["dtype"]}), vocab {tokenizer.vocab_size}')

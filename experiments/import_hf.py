@@ -90,7 +90,7 @@ def import_checkpoint(model_dir, workdir, tokenizer_path=None, scan_layers: bool
   model_dir, workdir = pathlib.Path(model_dir), pathlib.Path(workdir)
   if not (model_dir / 'config.json').is_file():
     raise common.UserError(f'--model={model_dir}: no config.json')
-  export_hf.check_out(workdir)  # a new or empty folder: never mixes with a run
+  export_hf.check_out(workdir, '--workdir')  # new or empty: never mixes with a run
   hf_config = json.loads((model_dir / 'config.json').read_text())
   try:
     model = hf.model_config_from_hf(hf_config)
