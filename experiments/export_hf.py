@@ -21,7 +21,6 @@ exit status 2. --out must not exist yet (or be empty); it appears whole or not a
 import json
 import os
 import pathlib
-import shutil
 
 import jax
 import ml_dtypes
@@ -38,37 +37,6 @@ FILES = ('config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config
          'tokenizer.model', 'generation_config.json')
 
 
-def check_out(out, flag: str = '--out') -> pathlib.Path:
-  """`out` as a path; UserError (naming `flag`) unless it is new or an empty directory."""
-  if not out:
-    raise common.UserError(f'{flag} is required (the directory to write)')
-  out = pathlib.Path(out)
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
-    raise common.UserError(f'{flag}={out} exists and is not an empty directory: choose a new '
-                           'one')
-  return out
-
-
-def write_dir_atomic(out: pathlib.Path, files: dict) -> None:
-  """Writes {name: bytes | callable(path)} into a sibling temp dir, then renames it to out."""
-  tmp = out.with_name(f'.{out.name}.tmp{os.getpid()}')
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  tmp.mkdir(parents=True)
-  try:
-    for name, content in files.items():
-      if callable(content):
-        content(tmp / name)
-      else:
-        (tmp / name).write_bytes(content)
-    if out.exists():
-      out.rmdir()  # empty (check_out)
-    os.replace(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
 def export(workdir, out, dtype: str = '', log=common.log) -> pathlib.Path:
   """Writes the HF checkpoint of the stage in `workdir` to `out`; returns `out`.
 
@@ -77,7 +45,7 @@ def export(workdir, out, dtype: str = '', log=common.log) -> pathlib.Path:
       representable (naming the config keys), or dtype is not '', 'float32', 'bfloat16'.
     checkpoint.CheckpointError: no finished checkpoint in workdir.
   """
-  out = check_out(out)
+  out = common.check_new_dir(out)
   if dtype not in ('', 'float32', 'bfloat16'):
     raise common.UserError(f"--config.dtype={dtype!r}: expected '', 'float32' or 'bfloat16'")
   config = checkpoint_lib.load_config(workdir)
@@ -106,7 +74,7 @@ def export(workdir, out, dtype: str = '', log=common.log) -> pathlib.Path:
     os.chmod(path, 0o644)  # safetensors creates it owner-only; the others are 0644 too
 
   as_json = lambda d: (json.dumps(d, indent=2, ensure_ascii=False) + '\n').encode()
-  write_dir_atomic(out, {
+  common.write_dir_atomic(out, {
       'config.json': as_json(hf_config),
       'model.safetensors': save_weights,
       'tokenizer.json': tokenizer_json.encode(),

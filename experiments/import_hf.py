@@ -29,7 +29,6 @@ import numpy as np
 from absl import flags
 
 from experiments import common
-from experiments import export_hf
 from research import checkpoint as checkpoint_lib
 from research import hf
 from research import model as model_lib
@@ -90,7 +89,7 @@ def import_checkpoint(model_dir, workdir, tokenizer_path=None, scan_layers: bool
   model_dir, workdir = pathlib.Path(model_dir), pathlib.Path(workdir)
   if not (model_dir / 'config.json').is_file():
     raise common.UserError(f'--model={model_dir}: no config.json')
-  export_hf.check_out(workdir, '--workdir')  # new or empty: never mixes with a run
+  common.check_new_dir(workdir, '--workdir')  # new or empty: never mixes with a run
   hf_config = json.loads((model_dir / 'config.json').read_text())
   try:
     model = hf.model_config_from_hf(hf_config)
@@ -137,7 +136,7 @@ def import_checkpoint(model_dir, workdir, tokenizer_path=None, scan_layers: bool
     finally:
       ckpt.close()
 
-  export_hf.write_dir_atomic(workdir, {
+  common.write_dir_atomic(workdir, {
       checkpoint_lib.CONFIG_FILE: write_config,
       checkpoint_lib.TOKENIZER_FILE: tokenizer.to_bytes(),
       'checkpoints': write_checkpoint,
