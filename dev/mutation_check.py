@@ -184,6 +184,45 @@ MUTATIONS = [
              "examples, labels = examples[:max_examples], labels[:max_examples]",
              "examples = examples[:max_examples]",
              ('tests/test_compare_objectives.py', '-k', 'piqa'), 'never_run'),
+    # --- resume: a resumed run must be shown to have resumed -----------------------------
+    # Restore switched off entirely: every stage's resume test must fail (a run that
+    # silently retrains from step 0 ends with the same numbers, so equal results alone
+    # cannot tell; the tests assert the restored step and the steps taken).
+    *[Mutation(f'restore_off_{stage}', 'experiments/loop.py',
+               "    latest = self.ckpt.latest_step()\n    if latest is None:\n",
+               "    latest = None\n    if latest is None:\n", tests, 'resume')
+      for stage, tests in (
+          ('pretrain', ('tests/test_pretrain.py', '-k', 'kill_9')),
+          ('cross_mesh', ('tests/test_pretrain.py', '-k', 'mesh')),
+          ('sft', ('tests/test_sft.py', '-k', 'resumes')),
+          ('reward_model', ('tests/test_reward_model_experiment.py', '-k', 'resumes')),
+          ('rlhf', ('tests/test_rlhf.py', '-k', 'resume')),
+          ('pipeline', ('tests/test_pipeline.py', '-k', 'kill')))],
+    Mutation('restored_state_ignored', 'experiments/loop.py',
+             "      state = restored.state\n    elif init_params is not None:",
+             "      state = train_lib.make_train_state(model, tx, mesh, train_lib.init_rng("
+             "config['seed']), dc['batch_size'], dc['seq_len'])\n    elif init_params is not None:",
+             ('tests/test_pretrain.py', '-k', 'kill_9'), 'resume'),
+    Mutation('grain_iterator_not_restored', 'experiments/loop.py',
+             "                                    data_iterator if grain_iter else None)",
+             "                                    None)",
+             ('tests/test_pretrain.py', '-k', 'kill_9'), 'resume'),
+    Mutation('sampler_position_not_restored_rm', 'experiments/loop.py',
+             "      data_iterator.set_state(meta[_DATA_STATE])", "      pass",
+             ('tests/test_reward_model_experiment.py', '-k', 'resumes'), 'resume'),
+    Mutation('prompt_position_not_restored_rlhf', 'experiments/loop.py',
+             "      data_iterator.set_state(meta[_DATA_STATE])", "      pass",
+             ('tests/test_rlhf.py', '-k', 'resume'), 'resume'),
+    Mutation('metrics_not_truncated', 'experiments/loop.py',
+             "    truncate_metrics(self.workdir, latest)\n", "",
+             ('tests/test_pretrain.py', '-k', 'kill_9'), 'resume'),
+    Mutation('rlhf_evals_not_restored', 'experiments/rlhf.py',
+             "      evals, timing = restored.meta['evals'], restored.meta['timing']",
+             "      pass", ('tests/test_rlhf.py', '-k', 'resume'), 'resume'),
+    Mutation('final_checkpoint_skipped', 'experiments/loop.py',
+             "      if interrupted or self.save_final:\n        checkpoint(step)",
+             "      if interrupted:\n        checkpoint(step)",
+             ('tests/test_sft.py', '-k', 'resumes'), 'resume'),
 ]
 
 

@@ -15,15 +15,21 @@ from tests.test_rlhf import write_corpus
 
 pytestmark = pytest.mark.slow
 
-# Steps of each Loop.run of the test preset, in order: pretrain, sft, the proxy reward
-# model, PPO.
-LOOP_STEPS = (6, 6, 4, 2)
+# Each Loop.run of the test preset, in order: (steps, checkpoint every, the file of its
+# stage's summary and the path to its `loop` record there).
+LOOPS = ((6, 2, 'pretrain/summary.json', ('loop',)),
+         (6, 2, 'sft/eval.json', ('train', 'loop')),
+         (4, 2, 'rlhf/reward_model/summary.json', ('loop',)),
+         (2, 1, 'rlhf/summary.json', ('loop',)))
 
 
 def config_for(corpus):
   config = pipeline_config.get_config('test')
-  for name in ('pretrain.data.corpus', 'rlhf.data.corpus'):
-    common.apply_override(config, name, str(corpus))
+  for name, value in (('pretrain.data.corpus', corpus), ('rlhf.data.corpus', corpus),
+                      ('pretrain.train.checkpoint_every', 2), ('sft.train.checkpoint_every', 2),
+                      ('rlhf.reward_model.train.checkpoint_every', 2),
+                      ('rlhf.checkpoint_every', 1)):
+    common.apply_override(config, name, str(value))
   return config
 
 
@@ -80,8 +86,9 @@ def test_kill_at_a_random_point_then_restart_gives_the_same_numbers(corpus, stra
                                                                       tmp_path):
   _, card = straight
   rng = random.Random()
-  run_index = rng.randrange(len(LOOP_STEPS))
-  steps = rng.randint(1, LOOP_STEPS[run_index])
+  run_index = rng.randrange(len(LOOPS))
+  total, every, summary_file, keys = LOOPS[run_index]
+  steps = rng.randint(1, total)
   where = f'loop {run_index} after {steps} steps'
   workdir = tmp_path / 'killed'
   with loop_lib.simulate_kill(steps, skip_runs=run_index), \
@@ -90,6 +97,14 @@ def test_kill_at_a_random_point_then_restart_gives_the_same_numbers(corpus, stra
   assert not (workdir / 'report.md').exists(), where
   again = pipeline.run(config_for(corpus), workdir)
   assert numbers(again) == numbers(card), where
+  # The killed stage resumed from its last checkpoint before the kill (the kill comes
+  # before step `steps`'s checkpoint) and took only the steps after it.
+  record = json.loads((workdir / summary_file).read_text())
+  for key in keys:
+    record = record[key]
+  latest = (steps - 1) // every * every
+  assert record['resumed_from'] == (latest or None), (where, record)
+  assert record['steps_run'] == total - latest, (where, record)
 
 
 def test_from_stage_moves_later_stages_aside_and_reruns_them(corpus, straight, tmp_path):
