@@ -121,6 +121,8 @@ def run_experiment(main_fn, default_config: str, default_workdir: str):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
+      check_workdir(workdir.value)
+      validate_config(config)
       return main_fn(config, workdir.value)
     except user_errors as e:
       print(f'error: {e}', file=sys.stderr)
@@ -263,3 +265,74 @@ def write_dir_atomic(out: pathlib.Path, files: dict) -> None:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+# Rules for config values by their key (the last part of the dotted name), checked for
+# every experiment before anything is written. Floats must also be finite everywhere.
+_AT_LEAST_ONE = {'batch_size', 'seq_len', 'steps', 'iterations', 'log_every',
+                 'grad_accum_steps', 'keep_checkpoints', 'keep', 'max_new_tokens',
+                 'eval_prompts', 'minibatches', 'epochs', 'group_size', 'num_train',
+                 'pairs_per_prompt', 'vocab_size'}
+_AT_LEAST_ZERO = {'checkpoint_every', 'eval_every', 'warmup_steps', 'max_minutes',
+                  'eval_batches', 'final_eval_batches', 'num_samples', 'sample_tokens',
+                  'num_threads', 'prefetch_buffer_size', 'z_loss', 'weight_decay',
+                  'beta', 'min_gap', 'entropy_coef', 'value_coef'}
+_POSITIVE = {'learning_rate', 'policy_lr', 'value_lr', 'grad_clip', 'temperature'}
+_FRACTION_BELOW_ONE = {'validation_fraction', 'heldout_fraction'}  # [0, 1)
+_FRACTION = {'final_lr_fraction', 'causal_fraction', 'lam', 'gamma'}  # [0, 1]
+_RATE = {'mask_rate', 'noise_rate'}  # (0, 1)
+
+
+def _leaves(node, prefix=''):
+  for key, value in node.items():
+    name = f'{prefix}{key}'
+    if hasattr(value, 'items'):
+      yield from _leaves(value, name + '.')
+    else:
+      yield name, key, value
+
+
+def validate_config(config) -> None:
+  """Checks every value of a stage's config (ConfigDict or dict): finite numbers, counts
+  >= 1 or >= 0, positive rates, fractions in range, by key name (the tables above), and
+  the model section through `TransformerConfig`. Raises UserError naming the key and
+  what is allowed, before anything is written."""
+  from research import model as model_lib  # pylint: disable=g-import-not-at-top
+  config = config.to_dict() if hasattr(config, 'to_dict') else config
+  for name, key, value in _leaves(config):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      continue
+    bad = None
+    if isinstance(value, float) and not math.isfinite(value):
+      bad = 'a finite number'
+    elif key in _AT_LEAST_ONE and (value < 1 or value != int(value)):
+      bad = 'an integer >= 1'
+    elif key in _AT_LEAST_ZERO and value < 0:
+      bad = 'a number >= 0'
+    elif key in _POSITIVE and value <= 0:
+      bad = 'a number > 0'
+    elif key in _FRACTION_BELOW_ONE and not 0 <= value < 1:
+      bad = 'a fraction in [0, 1)'
+    elif key in _FRACTION and not 0 <= value <= 1:
+      bad = 'a fraction in [0, 1]'
+    elif key in _RATE and not 0 < value < 1:
+      bad = 'a rate in (0, 1)'
+    if bad:
+      raise UserError(f'--config.{name}={value}: expected {bad}')
+  data, train = config.get('data', {}), config.get('train', {})
+  if 'grad_accum_steps' in train and 'batch_size' in data and \
+      data['batch_size'] % train['grad_accum_steps']:
+    raise UserError(f'--config.train.grad_accum_steps={train["grad_accum_steps"]} must divide '
+                    f'--config.data.batch_size={data["batch_size"]}')
+  if 'model' in config:
+    try:
+      model_lib.TransformerConfig.from_dict(config['model'])
+    except (ValueError, TypeError) as e:
+      raise UserError(f'model config: {e}') from None
+
+
+def check_workdir(workdir) -> None:
+  """A workdir is a folder or does not exist yet (UserError otherwise)."""
+  path = pathlib.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise UserError(f'--workdir={workdir} is a file, not a folder')

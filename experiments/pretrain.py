@@ -74,11 +74,14 @@ def train(config, workdir) -> dict:
   summary.json): step, final_train_loss, validation {objective_loss, causal_loss},
   unigram_entropy, params, flops_per_token, samples, interrupted, loop."""
   config = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  common.validate_config(config)
+  common.check_workdir(workdir)
   workdir = pathlib.Path(workdir)
   saved = checkpoint_lib.load_config(workdir)
   if saved is not None:
-    checkpoint_lib.check_same_model(saved, config, workdir,
-                                    keys=('model', 'tokenizer', 'objective'))
+    checkpoint_lib.check_same_model(
+        saved, config, workdir, keys=('model', 'tokenizer', 'objective', 'data', 'optimizer',
+                                      'seed'), ignore=checkpoint_lib.RESUMABLE_CHANGES)
   mesh = common.make_mesh(config['mesh']['shape'])
   setup = prepare(config, workdir)
   summary, _ = loop_lib.train_language_model(setup, workdir, make_objective(config['objective']),

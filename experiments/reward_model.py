@@ -200,12 +200,16 @@ def train(config, workdir, init_workdir, pairs=None) -> dict:
   """
   t0 = time.time()
   config = resolve_config(config)
+  common.validate_config(config)
+  common.check_workdir(workdir)
   workdir = pathlib.Path(workdir)
   params0, model_cfg, tokenizer, train_arrays, held_arrays, stats = _prepare(
       config, workdir, init_workdir, pairs)
   saved = checkpoint_lib.load_config(workdir)
   if saved is not None:
-    checkpoint_lib.check_same_model(saved, config, workdir, keys=('model', 'tokenizer', 'data'))
+    checkpoint_lib.check_same_model(saved, config, workdir,
+                                    keys=('model', 'tokenizer', 'data', 'optimizer', 'seed'),
+                                    ignore=checkpoint_lib.RESUMABLE_CHANGES)
     if saved.get('init') and (pathlib.Path(saved['init']).resolve()
                               != pathlib.Path(init_workdir).resolve()):
       raise checkpoint_lib.CheckpointError(

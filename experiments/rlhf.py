@@ -222,6 +222,8 @@ def run(config, workdir, init_workdir) -> dict:
   -> the final policy as a stage -> summary.json, report.md and plots."""
   config = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
   config = json.loads(json.dumps(config))  # tuples -> lists, as config.json holds them
+  common.validate_config(config)
+  common.check_workdir(workdir)
   workdir = pathlib.Path(workdir)
   t_start = time.time()
   try:

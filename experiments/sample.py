@@ -98,6 +98,9 @@ def run(workdir, prompts, fills, *, fill_mode='iterative', max_new_tokens=64,
   start = time.time()
   params, config, tokenizer = checkpoint_lib.load_stage(workdir)
   cfg = model_lib.TransformerConfig.from_dict(config['model'])
+  if cfg.scalar_head:
+    raise UserError(f'{workdir} holds a reward/value model (a scalar head), not a language '
+                    'model to sample from')
   objective = config.get('objective', {}).get('name', 'causal')
   log(f'{workdir}: {objective} checkpoint, {cfg.num_layers} layers, d {cfg.d_model}, '
       f'loaded in {time.time() - start:.1f}s')

@@ -189,9 +189,14 @@ def _reply_text(tokenizer, ids) -> str:
 def finetune(config, workdir, init_workdir) -> dict:
   """One SFT run (resumable) + its evaluation; returns the evaluation dict."""
   config = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  common.validate_config(config)
+  common.check_workdir(workdir)
   workdir = pathlib.Path(workdir)
   t0 = time.time()
   init_params, init_config, tokenizer = checkpoint_lib.load_stage(init_workdir)
+  if init_config['model'].get('scalar_head'):
+    raise common.UserError(f'--init={init_workdir} is a reward model (a scalar head, no '
+                           'language-model head): start SFT from a pretraining or SFT run')
   config['model'] = init_config['model']
   config['tokenizer'] = dict(init_config['tokenizer'], path=str(init_workdir))
   config['objective'] = {'name': 'supervised'}
@@ -201,7 +206,9 @@ def finetune(config, workdir, init_workdir) -> dict:
                            f'model\'s max_len {config["model"]["max_len"]}')
   saved = checkpoint_lib.load_config(workdir)
   if saved is not None:
-    checkpoint_lib.check_same_model(saved, config, workdir, keys=('model', 'tokenizer', 'data'))
+    checkpoint_lib.check_same_model(
+        saved, config, workdir, keys=('model', 'tokenizer', 'data', 'optimizer', 'seed', 'init'),
+        ignore=checkpoint_lib.RESUMABLE_CHANGES)
   mesh = common.make_mesh(config['mesh']['shape'])
   train, held, problems = load_sources(config)
   setup, stats = make_setup(config, init_config, tokenizer, train, held)

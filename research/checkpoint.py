@@ -102,15 +102,30 @@ def load_tokenizer(workdir) -> tokenizer_lib.Tokenizer:
   return tokenizer_lib.Tokenizer.load(path)
 
 
-def check_same_model(saved: dict, config: dict, workdir, keys=('model', 'tokenizer')) -> None:
-  """A workdir only resumes the model it holds: a difference is a one-line error."""
+def check_same_model(saved: dict, config: dict, workdir, keys=('model', 'tokenizer'),
+                     ignore=()) -> None:
+  """A workdir only resumes the run it holds: a difference in any of `keys` (sections or
+  top-level values; dotted names in `ignore` are allowed to change) is a one-line
+  CheckpointError naming the key and both values."""
   for section in keys:
     old, new = saved.get(section, {}), config.get(section, {})
+    if not isinstance(old, dict) or not isinstance(new, dict):
+      old, new, names = {section: old}, {section: new}, lambda k: k
+    else:
+      names = lambda k, s=section: f'{s}.{k}'
     for key in sorted(set(old) | set(new)):
-      if old.get(key) != new.get(key):
-        raise CheckpointError(
-            f'workdir {workdir} holds a different model ({section}.{key} is {old.get(key)!r} '
-            f'there, {new.get(key)!r} here): use a new --workdir')
+      if names(key) in ignore or old.get(key) == new.get(key):
+        continue
+      what = 'model' if section in ('model', 'tokenizer', 'objective', 'data') else 'run'
+      raise CheckpointError(
+          f'workdir {workdir} holds a different {what} ({names(key)} is {old.get(key)!r} '
+          f'there, {new.get(key)!r} here): use a new --workdir')
+
+
+# What a resume may change: how data is read, the step budget (and so the schedule's
+# length), where a tokenizer file was found.
+RESUMABLE_CHANGES = ('data.num_threads', 'data.prefetch_buffer_size', 'optimizer.total_steps',
+                     'tokenizer.path')
 
 
 def check_tokenizer(meta: dict, tokenizer: tokenizer_lib.Tokenizer, where) -> None:

@@ -23,6 +23,7 @@ dots 2.5x faster than on (B, L, D) (STACK_NOTES). The residual stream, norms and
 softmax stay float32; only dot operands are cast to `compute_dtype`.
 """
 import dataclasses
+import math
 from typing import Any, Optional
 
 import flax
@@ -64,9 +65,24 @@ class TransformerConfig:
                           ('param_dtype', ('float32', 'bfloat16'))):
       if getattr(self, name) not in allowed:
         raise ValueError(f'model.{name}={getattr(self, name)!r}: expected one of {allowed}')
+    for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'max_len'):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f'model.{name}={getattr(self, name)!r}: expected an integer >= 1')
+    if self.num_kv_heads is not None and self.num_kv_heads < 1:
+      raise ValueError(f'model.num_kv_heads={self.num_kv_heads}: expected >= 1 (0 = num_heads)')
     if self.num_heads % self.kv_heads:
       raise ValueError(f'model.num_heads={self.num_heads} is not a multiple of '
                        f'model.num_kv_heads={self.kv_heads}')
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f'model.d_model={self.d_model} is not a multiple of '
+                       f'model.num_heads={self.num_heads} (or set model.head_dim)')
+    if self.position == 'rope' and self.dim_per_head % 2:
+      raise ValueError(f'model.d_model / model.num_heads = {self.dim_per_head}: rotary '
+                       'embeddings need an even head dimension')
+    for name in ('norm_eps', 'rope_theta', 'init_std'):
+      value = getattr(self, name)
+      if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f'model.{name}={value!r}: expected a finite number > 0')
 
   @classmethod
   def from_dict(cls, d) -> 'TransformerConfig':
