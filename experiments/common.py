@@ -131,9 +131,16 @@ def run_experiment(main_fn, default_config: str, default_workdir: str):
 
 
 def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() when a multi-host environment is set (TPU pods, SLURM)."""
+  """jax.distributed.initialize() when a multi-host environment is set: experiments.launch
+  (local processes, gloo collectives), TPU pods, SLURM."""
   env = os.environ
-  if any(k in env for k in ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS')) or (
+  if 'JAX_NUM_PROCESSES' in env and 'JAX_PROCESS_ID' in env:  # experiments.launch
+    if env.get('LAUNCH_CPU_COLLECTIVES'):
+      jax.config.update('jax_cpu_collectives_implementation', env['LAUNCH_CPU_COLLECTIVES'])
+    jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
+                               num_processes=int(env['JAX_NUM_PROCESSES']),
+                               process_id=int(env['JAX_PROCESS_ID']))
+  elif any(k in env for k in ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS')) or (
       'TPU_WORKER_HOSTNAMES' in env and ',' in env['TPU_WORKER_HOSTNAMES']) or (
           int(env.get('SLURM_NTASKS', '1')) > 1):
     jax.distributed.initialize()

@@ -12,8 +12,9 @@ every stage needs around it, once:
 
   - hooks every n steps (evaluate, sample, ...), their metrics logged under `eval/`;
   - checkpoints every n steps and at the end (Orbax, async), with the data
-    iterator's state (a grain iterator through grain's handler, any other object with
-    get_state/set_state through the checkpoint's meta) and a stage's own meta;
+    iterator's state (anything with get_state/set_state returning JSON: a grain
+    iterator, an EpochSampler) in the checkpoint's meta, so it restores onto any number
+    of processes, and a stage's own meta;
   - exact resume: the state, the data iterator and `metrics.jsonl` truncated to the
     restored step, so the file never holds a step twice;
   - a wall-clock budget (`max_minutes`), SIGTERM / Ctrl-C save-and-exit at the next
@@ -24,7 +25,7 @@ Levanter's `Trainer.add_hook(fn, every=n)` and nanodo's `train.py` are the ancho
 Two seams for resume tests, both acting after a step's metrics and hooks and before
 its checkpoint: `simulate_kill(n)` (in process) makes `run` raise `SimulatedKill` after
 n steps of a call; the environment variable LOOP_KILL_AT_STEP=s makes the process
-SIGKILL itself at step s, a real `kill -9` at a fixed step.
+SIGKILL itself at step s, a real `kill -9` at a fixed step (`s@p`: only process p).
 """
 import contextlib
 import dataclasses
@@ -46,10 +47,11 @@ from research import flops as flops_lib
 from research import model as model_lib
 from research import objectives as objectives_lib
 from research import sampling
+from research import sharding as sharding_lib
 from research import train_step as train_lib
 
 METRICS_FILE = 'metrics.jsonl'
-_DATA_STATE = 'data_state'  # meta key of a non-grain iterator's state
+_DATA_STATE = 'data_state'  # meta key of the data iterator's state
 
 
 class SimulatedKill(RuntimeError):
@@ -210,11 +212,12 @@ class Loop:
     if latest is None:
       truncate_metrics(self.workdir, 0)
       return None
-    grain_iter = isinstance(data_iterator, grain.DatasetIterator)
-    state, meta = self.ckpt.restore(latest, abstract_state,
-                                    data_iterator if grain_iter else None)
-    if data_iterator is not None and not grain_iter:
-      data_iterator.set_state(meta[_DATA_STATE])
+    state, meta = self.ckpt.restore(latest, abstract_state)
+    if data_iterator is not None:
+      if _DATA_STATE in meta:
+        data_iterator.set_state(meta[_DATA_STATE])
+      else:  # a checkpoint written before iterator states moved into the meta
+        state, meta = self.ckpt.restore(latest, abstract_state, data_iterator)
     truncate_metrics(self.workdir, latest)
     self.resumed_from = latest
     common.log(f'resumed from step {latest}')
@@ -225,10 +228,11 @@ class Loop:
     if self.ckpt.latest_step() == step:
       return
     meta = dict(meta or {}, step=step)
-    grain_iter = isinstance(data_iterator, grain.DatasetIterator)
-    if data_iterator is not None and not grain_iter:
+    if data_iterator is not None:
+      # The iterator's position, as JSON in the meta: every process is at the same one
+      # (they step together), so it restores onto any number of processes.
       meta[_DATA_STATE] = data_iterator.get_state()
-    self.ckpt.save(step, state, data_iterator if grain_iter else None, meta)
+    self.ckpt.save(step, state, None, meta)
 
   def log(self, step: int, metrics: dict, prefix: str = 'eval/') -> None:
     """One row of metrics.jsonl (and TensorBoard) at `step`, names prefixed."""
@@ -288,7 +292,7 @@ class Loop:
               self.log(step, out, prefix=hook.prefix)
         if kill_after is not None and step - first_step >= kill_after:
           raise SimulatedKill(f'simulated kill after step {step}')
-        if os.environ.get('LOOP_KILL_AT_STEP') == str(step):
+        if os.environ.get('LOOP_KILL_AT_STEP') in (str(step), f'{step}@{jax.process_index()}'):
           os.kill(os.getpid(), signal.SIGKILL)
         if self.checkpoint_every and step % self.checkpoint_every == 0 and (
             step < self.steps or self.save_final):
@@ -377,9 +381,10 @@ def train_language_model(setup: LMSetup, workdir, objective, mesh, *, fresh_conf
   tokens_per_step = dc['batch_size'] * dc['seq_len']
 
   def validation(step, state, max_batches=tc['eval_batches']):
-    return evaluation.heldout_losses(
-        eval_fn, state.params, data_lib.eval_batches(setup.validation_rows, batch_per_host),
-        max_batches, seed=config['seed'])
+    batches = (sharding_lib.global_batch(b, mesh)
+               for b in data_lib.eval_batches(setup.validation_rows, batch_per_host))
+    return evaluation.heldout_losses(eval_fn, state.params, batches, max_batches,
+                                     seed=config['seed'])
 
   def progress(m):
     return f'loss {m["loss"]:.3f} acc {m["accuracy"]:.3f} {m["tokens_per_second"]:,.0f} tok/s'

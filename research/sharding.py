@@ -75,3 +75,14 @@ def check_divisible(mesh: Mesh, global_batch: int, abstract_params, logical_spec
 
 def logical_to_sharding(logical_specs, mesh: Mesh):
   return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+
+
+def global_batch(batch, mesh: Mesh):
+  """A batch as global arrays split over data×fsdp: on one process the arrays as they
+  are (jit places them), on several each process's rows become its part of the global
+  batch (`jax.make_array_from_process_local_data`), so every step and evaluation sees
+  the same global batch on any number of processes."""
+  if jax.process_count() == 1:
+    return batch
+  where = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(where, x), batch)

@@ -194,6 +194,7 @@ def jit_train_step(step: Callable, shardings, mesh):
 
   @functools.wraps(step)
   def run(state, batch, rng):
+    batch = sharding.global_batch(batch, mesh)  # each process holds its own rows
     with jax.set_mesh(mesh):
       return jitted(state, batch, rng)
   run.jitted = jitted

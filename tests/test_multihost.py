@@ -1,0 +1,149 @@
+"""Several JAX processes on one machine (experiments.launch: a coordinator, gloo
+collectives, fake CPU devices): the multi-host path tested for real.
+
+2 processes × 4 devices train exactly as 1 process × 8 devices on a (2,2,2) mesh; a
+checkpoint written by either restores on the other; each process reads its own disjoint
+share of every batch; killing one process stops the other, and a restart resumes to
+the uninterrupted run's parameters."""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import launch
+from research import checkpoint as checkpoint_lib
+from research import data as data_lib
+from tests.test_pretrain import write_corpus
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+def pretrain_args(workdir, corpus, steps=STEPS):
+  return ['-m', 'experiments.pretrain', '--config=configs/pretrain.py:tiny',
+          f'--workdir={workdir}', f'--config.data.corpus={corpus}', '--config.data.seq_len=32',
+          '--config.data.batch_size=8', '--config.tokenizer.vocab_size=512',
+          '--config.model.d_model=32', '--config.model.num_layers=2', '--config.model.num_heads=2',
+          f'--config.train.steps={steps}', '--config.train.log_every=1',
+          '--config.train.eval_every=0', '--config.train.eval_batches=2',
+          '--config.train.checkpoint_every=2', '--config.train.num_samples=0',
+          '--config.optimizer.warmup_steps=2', '--config.mesh.shape=(2,2,2)']
+
+
+def one_process(args, env=None):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu', **(env or {}))
+  out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
+def two_processes(args, env=None, check=True):
+  old = dict(os.environ)
+  os.environ.update(env or {})
+  try:
+    log = open(os.devnull, 'w')
+    code = launch.launch([sys.executable, *args], 2, 4, timeout_seconds=600, grace_seconds=3,
+                         out=log)
+  finally:
+    os.environ.clear()
+    os.environ.update(old)
+  if check:
+    assert code == 0
+  return code
+
+
+def losses(workdir) -> dict:
+  rows = [json.loads(l) for l in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+  return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
+
+
+def params(workdir):
+  return jax.tree.map(np.asarray, checkpoint_lib.load_stage(workdir)[0])
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('multihost')
+  corpus = write_corpus(root / 'corpus')
+  one_process(pretrain_args(root / 'one', corpus))
+  two_processes(pretrain_args(root / 'two', corpus))
+  return root, corpus
+
+
+def test_the_batch_is_split_into_disjoint_process_shares():
+  rows = data_lib.PackedCorpus(
+      tokens=np.arange(64 * 4, dtype=np.int32).reshape(64, 4),
+      segment_ids=np.ones((64, 4), np.int32),
+      positions=np.tile(np.arange(4, dtype=np.int32), (64, 1)),
+      num_documents=64)
+  whole = data_lib.make_train_iterator(rows, 8, seed=3, process_index=0, process_count=1)
+  shares = [data_lib.make_train_iterator(rows, 4, seed=3, process_index=i, process_count=2)
+            for i in range(2)]
+  for _ in range(10):  # more than an epoch
+    batch = next(whole)['tokens']
+    a, b = (next(s)['tokens'] for s in shares)
+    assert not set(map(tuple, a)) & set(map(tuple, b))
+    assert sorted(map(tuple, np.concatenate([a, b]))) == sorted(map(tuple, batch))
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_process_with_the_same_devices(runs):
+  root, _ = runs
+  one, two = losses(root / 'one'), losses(root / 'two')
+  assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], atol=1e-5)
+  v1, v2 = (json.loads((root / w / 'summary.json').read_text())['validation']
+            for w in ('one', 'two'))
+  assert v2['causal_loss'] == pytest.approx(v1['causal_loss'], abs=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params(root / 'one'),
+               params(root / 'two'))
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_one_and_two_processes(runs):
+  """Each run's checkpoint 6 deleted (as if killed after step 4's): resumed on the other
+  process count, it takes only step 6, with the uninterrupted loss."""
+  root, corpus = runs
+  for source, resume in (('two', one_process), ('one', two_processes)):
+    target = root / f'{source}_moved'
+    shutil.copytree(root / source, target)
+    shutil.rmtree(target / 'checkpoints' / str(STEPS))
+    resume(pretrain_args(target, corpus))
+    loop = json.loads((target / 'summary.json').read_text())['loop']
+    assert (loop['resumed_from'], loop['steps_run']) == (STEPS - 2, 2), (source, loop)
+    np.testing.assert_allclose(losses(target)[STEPS], losses(root / source)[STEPS], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_killing_one_process_stops_the_other_and_a_restart_resumes(runs):
+  root, corpus = runs
+  workdir = root / 'killed'
+  code = two_processes(pretrain_args(workdir, corpus), env={'LOOP_KILL_AT_STEP': '5@1'},
+                       check=False)
+  assert code != 0  # process 1 died, process 0 was stopped (no hang, no orphan)
+  latest = checkpoint_lib.Checkpointer(workdir).latest_step()
+  assert latest in (2, 4), latest
+  two_processes(pretrain_args(workdir, corpus))
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['loop']['resumed_from'] == latest
+  jax.tree.map(np.testing.assert_array_equal, params(workdir), params(root / 'two'))
+
+
+def test_launcher_usage_errors_and_a_failing_command(tmp_path):
+  assert launch.main(['--processes=2']) == 2  # no command after --
+  assert launch.main(['--processes=0', '--', 'true']) == 2
+  log = tmp_path / 'log'
+  with open(log, 'w') as out:
+    code = launch.launch([sys.executable, '-c',
+                          'import os, time; pid = int(os.environ["JAX_PROCESS_ID"]); '
+                          'time.sleep(0.2 if pid else 60); raise SystemExit(3)'],
+                         2, 1, timeout_seconds=30, grace_seconds=2, out=out)
+  assert code == 3  # process 1 failed; process 0 (sleeping 60 s) was stopped
+  assert 'stopped all processes' in log.read_text()
