@@ -213,11 +213,72 @@ def supervised(batch, rng, ids: SpecialIds):
   return dict(example, weights=example['weights'] * next_mask.astype(jnp.float32))
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """One objective and everything the rest of the code asks of it by name.
+
+  fn: `fn(batch, rng, ids, **kwargs)` -> model inputs and targets (module docstring).
+  keys: the config keys (`objective.<key>`) it takes, as keyword arguments of fn; a
+    config's other keys are not passed to it.
+  readout: 'next' (the output at i predicts token i+1) or 'inplace' (the output at a
+    masked position predicts the token there): how evaluations read its predictions.
+  attention: 'causal' if it never trains with bidirectional attention, else
+    'bidirectional': how a whole-sequence reader (a classifier) attends natively.
+  bidirectional_prompt: generation reads the prompt as a bidirectional prefix (as trained).
+  bidirectional_fill: fills masks with bidirectional attention (trained on <mask> inputs
+    read bidirectionally); otherwise from their left context.
+  can_generate: it trains left-to-right continuation, so sampling text from it makes sense.
+  """
+  name: str
+  fn: Callable
+  keys: tuple[str, ...] = ()
+  readout: str = 'next'
+  attention: str = 'causal'
+  bidirectional_prompt: bool = False
+  bidirectional_fill: bool = False
+  can_generate: bool = True
+
+  def make(self, **kwargs) -> Callable:
+    """-> fn(batch, rng, ids) with `kwargs` bound. Raises ValueError for a key it does not take."""
+    unknown = sorted(set(kwargs) - set(self.keys))
+    if unknown:
+      raise ValueError(f'objective {self.name!r} takes {list(self.keys)}, not {unknown}')
+    fn = self.fn
+    return lambda batch, rng, ids: fn(batch, rng, ids, **kwargs)
+
+  def from_config(self, objective_config) -> Callable:
+    """-> fn(batch, rng, ids) with this objective's keys read from `objective_config`
+    (a dict with 'name' and any keys); keys it does not take are ignored. A key it takes
+    and the config lacks keeps the function's default."""
+    return self.make(**{k: objective_config[k] for k in self.keys if k in objective_config})
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    Objective('causal', causal),
+    Objective('masked', masked, keys=('mask_rate',), readout='inplace',
+              attention='bidirectional', bidirectional_fill=True, can_generate=False),
+    Objective('prefix', prefix_lm, attention='bidirectional', bidirectional_prompt=True),
+    Objective('span', span_corruption, keys=('noise_rate', 'mean_span'),
+              attention='bidirectional', bidirectional_prompt=True),
+    Objective('hybrid', hybrid, keys=('causal_fraction', 'mask_rate'),
+              attention='bidirectional', bidirectional_fill=True),
+    Objective('supervised', supervised),
+)}
+
+
+def get(name: str) -> Objective:
+  """The record of objective `name`. Raises ValueError for an unknown name."""
+  if name not in OBJECTIVES:
+    raise ValueError(f'objective {name!r}: expected one of {sorted(OBJECTIVES)}')
+  return OBJECTIVES[name]
+
+
 def get_objective(name: str, **kwargs) -> Callable:
-  """Objective by config name -> fn(batch, rng, ids)."""
-  fns = {'causal': causal, 'masked': masked, 'prefix': prefix_lm, 'span': span_corruption,
-         'hybrid': hybrid, 'supervised': supervised}
-  if name not in fns:
-    raise ValueError(f'objective {name!r}: expected one of {sorted(fns)}')
-  fn = fns[name]
-  return lambda batch, rng, ids: fn(batch, rng, ids, **kwargs)
+  """Objective by config name -> fn(batch, rng, ids). Raises ValueError for an unknown
+  name or a keyword the objective does not take."""
+  return get(name).make(**kwargs)
+
+
+def from_config(objective_config) -> Callable:
+  """fn(batch, rng, ids) of a config's `objective` section ({'name': ..., keys...})."""
+  return get(objective_config['name']).from_config(objective_config)

@@ -264,3 +264,34 @@ def test_hybrid_equals_numpy_reference_from_the_same_key():
 def test_unknown_objective_is_a_clear_error():
   with pytest.raises(ValueError, match='objective'):
     objectives.get_objective('mlm')
+
+
+def test_record_passes_only_the_keys_an_objective_takes():
+  config = dict(name='masked', mask_rate=0.4, causal_fraction=0.5, noise_rate=0.15,
+                mean_span=3.0)
+  batch = _packed_batch(b=4, seed=2)
+  got = objectives.from_config(config)(batch, jax.random.key(0), IDS)
+  want = objectives.masked(batch, jax.random.key(0), IDS, mask_rate=0.4)
+  np.testing.assert_array_equal(np.asarray(got['weights']), np.asarray(want['weights']))
+  for name, record in objectives.OBJECTIVES.items():
+    assert record.name == name and record.readout in ('next', 'inplace')
+    assert record.attention in ('causal', 'bidirectional')
+    objectives.from_config(dict(config, name=name))  # every other key is left out
+  with pytest.raises(ValueError, match='takes'):
+    objectives.get_objective('causal', mask_rate=0.15)
+
+
+def test_no_experiment_compares_an_objective_name_with_a_literal():
+  """What differs between objectives is read from their records, never `name == 'masked'`."""
+  import ast
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
+  found = []
+  for path in sorted(root.glob('*.py')):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Compare):
+        for side in (node.left, *node.comparators):
+          found += [f'{path.name}:{node.lineno}: {ast.unparse(node)}'
+                    for c in ast.walk(side)
+                    if isinstance(c, ast.Constant) and c.value in objectives.OBJECTIVES]
+  assert found == []
