@@ -22,6 +22,8 @@ ARM_OBJECTIVES = {
     'prefix': dict(name='prefix'),
     'span': dict(name='span', noise_rate=0.15, mean_span=3.0),
     'hybrid': dict(name='hybrid', mask_rate=0.15, causal_fraction=0.5),
+    'ul2': dict(name='ul2', mix_r=0.4, mix_s=0.2, mix_x=0.4, r_noise_rate=0.15,
+                r_mean_span=3.0, x_noise_rate=0.5, x_mean_span=32.0),  # Tay et al. 2022
 }
 
 PRESETS = {

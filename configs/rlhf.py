@@ -12,6 +12,10 @@ Presets:
            init policy's samples; PPO (GAE, adaptive KL) against the proxy; best-of-n;
            sized for ~20-30 min on 2 CPU cores with the tiny model
   grpo     the default with GRPO advantages (groups of 4, no value model)
+  rloo     the default with RLOO advantages (groups of 4, leave-one-out baseline, the
+           sequence KL in the reward; Ahmadian et al. 2024)
+  dr_grpo  the default with Dr. GRPO advantages (groups of 4, no std, no length
+           normalisation; Liu et al. 2025)
   hh       hh-rlhf dialogue prompts through the chat template, the reward model of an
            hh-rlhf run of experiments.reward_model (`reward_model_workdir`; trained here
            with configs/reward_model.py:hh when empty); no gold reward
@@ -30,6 +34,11 @@ PRESETS = {
                  rm_prompts=2400, pairs_per_prompt=2, eval_prompts=128, eval_every=6,
                  checkpoint_every=6, rm_steps=200, rm_batch=32, max_new_tokens=24,
                  max_prompt_tokens=16, advantage='grpo', group_size=4),
+    **{name: dict(task='continuation', iterations=48, batch=64, minibatches=2, epochs=4,
+                  rm_prompts=2400, pairs_per_prompt=2, eval_prompts=128, eval_every=6,
+                  checkpoint_every=6, rm_steps=200, rm_batch=32, max_new_tokens=24,
+                  max_prompt_tokens=16, advantage=name, group_size=4)
+       for name in ('rloo', 'dr_grpo')},
     'hh': dict(task='hh', iterations=100, batch=16, minibatches=2, epochs=4, rm_prompts=0,
                eval_prompts=64, eval_every=20, checkpoint_every=10, rm_steps=300, rm_batch=16,
                max_new_tokens=64, max_prompt_tokens=192),
@@ -92,7 +101,7 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
 
   c.ppo = ml_collections.ConfigDict(dict(
       iterations=p['iterations'],
-      batch_size=p['batch'],  # rows per iteration (GRPO: prompts × group_size)
+      batch_size=p['batch'],  # rows per iteration (group estimators: prompts × group_size)
       # Adaptive KL (Ziegler et al.): β moves by up to ±0.2·batch/horizon per iteration (±5 %
       # here), so it can catch up within the run (horizon 1000 let KL overshoot a 4-nat target
       # to 14).

@@ -194,22 +194,14 @@ def build_eval_data(config, tokenizer, train_docs, val_docs, train_tokens, val_t
                   piqa_labels=piqa_labels, piqa_note=piqa_note, word_start_fn=word_start_fn)
 
 
-def _readout(objective: Optional[str]) -> str:
-  """Masked LM predicts in place; every other objective predicts the next token."""
-  return 'inplace' if objective in ('masked', None) else 'next'
-
-
-def _attention(objective: Optional[str], setting: str) -> str:
-  if setting != 'native':
-    return setting
-  return 'causal' if objective == 'causal' else 'bidirectional'
-
-
-def evaluate_params(params, model_cfg, objective: Optional[str], seed: int, config,
-                    ev: EvalData) -> dict:
-  """Every evaluation of one model (objective None: the random initialisation)."""
+def evaluate_params(params, model_cfg, objective: Optional[objectives_lib.Objective], seed: int,
+                    config, ev: EvalData) -> dict:
+  """Every evaluation of one model (objective None: the random initialisation, read in
+  place and bidirectionally). Readout and native attention come from the objective's
+  record (research/objectives.py)."""
   ec, rc = config.eval, config.era
-  readout = _readout(objective)
+  readout = 'inplace' if objective is None else objective.readout
+  native = 'bidirectional' if objective is None else objective.attention
   # One placement for every model (a loaded checkpoint's), so the jitted evaluations
   # compile once for all runs instead of once per placement.
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -235,7 +227,7 @@ def evaluate_params(params, model_cfg, objective: Optional[str], seed: int, conf
       batch_size=ec.batch_size)
   if ev.era is not None:
     kw = dict(steps=rc.steps, batch_size=rc.batch_size, seed=seed,
-              attention=_attention(objective, rc.attention))
+              attention=native if rc.attention == 'native' else rc.attention)
     m['era_finetune_accuracy'] = classification.finetune(
         params, model_cfg, ev.era, learning_rate=rc.finetune_learning_rate, **kw)
     m['era_probe_accuracy'] = classification.linear_probe(
@@ -248,7 +240,7 @@ def evaluate_params(params, model_cfg, objective: Optional[str], seed: int, conf
                                       batch_size=ec.batch_size).reshape(n, 2)
     m['piqa_accuracy'], m['piqa_correct'] = evaluation.choice_accuracy(scores, ev.piqa_labels)
     m['piqa_examples'] = n
-    if objective == 'masked':
+    if readout == 'inplace':
       scores = evaluation.choice_scores(
           params, model_cfg, ev.piqa_rows, mode='pll_inplace', mask_id=ev.ids.mask,
           word_start_fn=ev.word_start_fn, batch_size=ec.batch_size).reshape(n, 2)
@@ -386,7 +378,7 @@ def run_study(config, workdir) -> dict:
         if not trained:
           common.log(f'{arm} seed {seed}: trained before, not retrained')
         params, _, _ = checkpoint_lib.load_stage(run_dir)
-        objective = cfg.objective.name
+        objective = objectives_lib.get(cfg.objective.name)
       start = time.time()
       metrics = evaluate_params(params, model_cfg, objective, seed, config, ev)
       if summary is not None:

@@ -21,6 +21,7 @@ from research import checkpoint as checkpoint_lib
 from research import evaluation
 from research import flops as flops_lib
 from research import model as model_lib
+from research import objectives as objectives_lib
 
 STUDY_FILE = 'study.json'
 RESULTS_FILE = 'results.json'
@@ -107,6 +108,14 @@ def _sign(d) -> int:
   return 1 if d['lo'] > 0 else -1 if d['hi'] < 0 else 0
 
 
+BASELINE = 'causal'  # the arm (by arm name) every other arm is paired with
+
+
+def _reads_in_place(config, arm: str) -> bool:
+  """A masked-LM arm: its objective's record reads predictions in place."""
+  return objectives_lib.get(config.arm_objectives[arm].name).readout == 'inplace'
+
+
 NOT_ENOUGH = 'Not judged: needs the arms compared here with at least 2 finished seeds each.'
 
 
@@ -114,13 +123,13 @@ def findings(results: dict, config) -> list[str]:
   """Figure by figure: does this run agree with the published findings?"""
   out = []
   arms = [a for a in config.arms if a in results]
-  others = [a for a in arms if a != 'causal']
+  others = [a for a in arms if a != BASELINE]
   # Figure 1: generation, before and after the causal adaptation.
   text = ['**Figure 1 (loss_vs_flops.png) and the loss rows: causal-LM best for generation '
           'without adaptation; MLM→CLM adaptation closes most of the gap (Wang et al. 2022).**']
-  diffs = {a: _paired(results, a, 'causal', 'causal_loss') for a in others}
+  diffs = {a: _paired(results, a, BASELINE, 'causal_loss') for a in others}
   diffs = {a: d for a, d in diffs.items() if d is not None}
-  if 'causal' in results and diffs:
+  if BASELINE in results and diffs:
     worse = [a for a, d in diffs.items() if _sign(d) > 0]
     better = [a for a, d in diffs.items() if _sign(d) < 0]
     verdict = ('agrees' if len(worse) == len(diffs) else
@@ -133,13 +142,13 @@ def findings(results: dict, config) -> list[str]:
                 + (f' ({", ".join(better)} lower)' if better else '') + '.')
     closed = []
     for a in others:
-      before = _paired(results, a, 'causal', 'causal_loss')
-      after = _paired(results, a, 'causal', 'causal_loss_adapted')
+      before = _paired(results, a, BASELINE, 'causal_loss')
+      after = _paired(results, a, BASELINE, 'causal_loss_adapted')
       if before is None or after is None or before['mean'] <= 0:
         continue
       closed.append((a, 1 - after['mean'] / before['mean'], after))
     if closed:
-      masked = [c for c in closed if config.arm_objectives[c[0]].name == 'masked']
+      masked = [c for c in closed if _reads_in_place(config, c[0])]
       verdict = ('agrees' if masked and all(f >= 0.5 for _, f, _ in masked) else
                  'disagrees' if masked else 'no masked arm to judge')
       text.append('After the equal causal adaptation the gap closes by '
@@ -153,12 +162,12 @@ def findings(results: dict, config) -> list[str]:
   # Figure 2: downstream classification.
   text = ['**Figure 2 (downstream.png) and the era rows: masked pretraining better for '
           'fine-tuned classification (Gisserot-Boukhlef et al. 2025).**']
-  masked_arms = [a for a in arms if config.arm_objectives[a].name == 'masked']
+  masked_arms = [a for a in arms if _reads_in_place(config, a)]
   judged = False
-  if 'causal' in results:
+  if BASELINE in results:
     for metric, label in (('era_finetune_accuracy', 'fine-tuning'),
                           ('era_probe_accuracy', 'linear probe')):
-      diffs = {a: _paired(results, a, 'causal', metric) for a in masked_arms}
+      diffs = {a: _paired(results, a, BASELINE, metric) for a in masked_arms}
       diffs = {a: d for a, d in diffs.items() if d is not None}
       if not diffs:
         continue

@@ -30,6 +30,7 @@ from absl import flags
 from experiments import common
 from research import checkpoint as checkpoint_lib
 from research import hf
+from research import objectives as objectives_lib
 
 _OUT = flags.DEFINE_string('out', None, 'The directory to write (must not exist yet).')
 
@@ -82,7 +83,8 @@ def export(workdir, out, dtype: str = '', log=common.log) -> pathlib.Path:
       'tokenizer.model': tokenizer.to_bytes(),
       'generation_config.json': as_json(hf.generation_config()),
   })
-  if objective in ('prefix', 'span'):
+  record = objectives_lib.OBJECTIVES.get(objective)
+  if record is not None and record.bidirectional_prompt:
     log(f'note: a {objective} checkpoint read its prompts bidirectionally in training; '
         'transformers runs it causally (as our sampler does for causal checkpoints)')
   n = sum(v.size for v in state.values())

@@ -424,7 +424,7 @@ def train_language_model(setup: LMSetup, workdir, objective, mesh, *, fresh_conf
     loop.log(step, eval_metrics)
     samples = []
     prompts = tuple(sample_prompts)[:tc['num_samples']]
-    if prompts and config['objective']['name'] != 'masked':
+    if prompts and objectives_lib.get(config['objective']['name']).can_generate:
       samples = sampling.greedy_texts(state.params, model_cfg, tokenizer, prompts,
                                       tc['sample_tokens'])
       loop.log(step, {f'sample_{i}': p + s for i, (p, s) in enumerate(zip(prompts, samples))},

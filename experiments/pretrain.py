@@ -22,21 +22,10 @@ from research import tokenizer as tokenizer_lib
 SAMPLE_PROMPTS = ('The Congress', 'In the year', 'We must')
 
 
-def _objective_kwargs(oc: dict) -> dict:
-  name = oc['name']
-  if name == 'masked':
-    return dict(mask_rate=oc['mask_rate'])
-  if name == 'hybrid':
-    return dict(mask_rate=oc['mask_rate'], causal_fraction=oc['causal_fraction'])
-  if name == 'span':
-    return dict(noise_rate=oc['noise_rate'], mean_span=oc['mean_span'])
-  return {}
-
-
 def make_objective(objective_config: dict):
+  """The objective of a config's `objective` section: its record says which keys it takes."""
   try:
-    return objectives_lib.get_objective(objective_config['name'],
-                                        **_objective_kwargs(objective_config))
+    return objectives_lib.from_config(objective_config)
   except ValueError as e:
     raise common.UserError(f'objective.name: {e}') from None
 

@@ -202,7 +202,7 @@ def check_config(config: dict, policy_cfg) -> None:
   if pc['batch_size'] % pc['minibatches']:
     raise common.UserError(f'ppo.batch_size={pc["batch_size"]} is not divisible by '
                            f'ppo.minibatches={pc["minibatches"]}')
-  if cfg.advantage == 'grpo' and pc['batch_size'] % cfg.group_size:
+  if cfg.estimator.groups and pc['batch_size'] % cfg.group_size:
     raise common.UserError(f'ppo.batch_size={pc["batch_size"]} is not a multiple of '
                            f'ppo.group_size={cfg.group_size}')
   if policy_cfg.position == 'learned' and dc['max_prompt_tokens'] + pc['max_new_tokens'] > \
@@ -290,7 +290,7 @@ def run(config, workdir, init_workdir) -> dict:
   # 3. PPO on the shared loop: a step is one jitted iteration (rollout, rewards,
   # advantages, clipped updates) + the gold score of its rollouts.
   cfg = ppo_config(config)
-  grpo = cfg.advantage == 'grpo'
+  groups = cfg.estimator.groups  # GRPO, RLOO, Dr. GRPO: k samples of each prompt
   iteration, tx_policy, tx_value = ppo.jitted_iteration(
       policy_cfg, rm_cfg, cfg, float(pc['policy_lr']), float(pc['value_lr']),
       float(pc['grad_clip']), prompts.stop_id, tokenizer.pad_id, config['score_with_stop'],
@@ -298,17 +298,17 @@ def run(config, workdir, init_workdir) -> dict:
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # separate buffers: the state is donated
   state = ppo.init_ppo_state(copy(init_params), tx_policy, cfg,
                              jax.random.fold_in(jax.random.key(config['seed']), 7),
-                             value_params=None if grpo else copy(rm_params), tx_value=tx_value)
+                             value_params=copy(rm_params) if cfg.estimator.value_model else None, tx_value=tx_value)
   # Committed to the device like a restored state, so a resumed run reuses the compile.
   state = jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  sampler = data_lib.EpochSampler(len(prompts.train_ids), b // cfg.group_size if grpo else b,
+  sampler = data_lib.EpochSampler(len(prompts.train_ids), b // cfg.group_size if groups else b,
                                   config['seed'])
   evals, timing = [], dict(ppo_seconds=0.0, eval_seconds=0.0, compile_seconds=0.0)
   calls = [0]  # iterations of this process: the first one compiles
 
   def step_fn(state, idx):
     prompt, lengths = encode([prompts.train_ids[i] for i in idx], width)
-    if grpo:
+    if groups:
       prompt, lengths = ppo.repeat_prompts(prompt, lengths, cfg.group_size)
     t = time.perf_counter()
     state, metrics, rollout = iteration(state, prompt, lengths, ref_params, reward_args=rm)

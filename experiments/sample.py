@@ -20,6 +20,7 @@ from absl import app, flags, logging
 
 from research import checkpoint as checkpoint_lib
 from research import model as model_lib
+from research import objectives as objectives_lib
 from research import sampling
 from research import tokenizer as tokenizer_lib
 
@@ -34,14 +35,11 @@ _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens
 _TOP_P = flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling mass (1: off).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 
-BIDIRECTIONAL_PROMPT = ('prefix', 'span')  # objectives whose prompt (prefix) is bidirectional
-
-
 class UserError(Exception):
   """Printed as one line."""
 
 
-def continue_texts(params, cfg, tokenizer, objective: str, prompts, *, max_new_tokens,
+def continue_texts(params, cfg, tokenizer, objective: objectives_lib.Objective, prompts, *, max_new_tokens,
                    temperature, top_k, top_p, seed):
   """-> [(continuation text, Generation row as numpy dict)] for each prompt."""
   prompt, lengths = sampling.encode_prompts(tokenizer, prompts)
@@ -50,7 +48,7 @@ def continue_texts(params, cfg, tokenizer, objective: str, prompts, *, max_new_t
                             max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                             pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k,
                             top_p=top_p,
-                            bidirectional_prompt=objective in BIDIRECTIONAL_PROMPT)
+                            bidirectional_prompt=objective.bidirectional_prompt)
   except ValueError as e:  # e.g. learned positions too short
     raise UserError(str(e)) from None
   out = jax.tree.map(np.asarray, out)
@@ -64,7 +62,7 @@ def continue_texts(params, cfg, tokenizer, objective: str, prompts, *, max_new_t
   return results
 
 
-def fill_texts(params, cfg, tokenizer, objective: str, texts, *, iterative: bool):
+def fill_texts(params, cfg, tokenizer, objective: objectives_lib.Objective, texts, *, iterative: bool):
   """-> [(filled text, [(piece, probability) per mask])] for each text."""
   encoded = [tokenizer.encode(t) for t in texts]
   for text, ids in zip(texts, encoded):
@@ -75,8 +73,8 @@ def fill_texts(params, cfg, tokenizer, objective: str, texts, *, iterative: bool
       tokenizer_lib.is_special(np.arange(tokenizer.vocab_size))))
   filled, logps = sampling.fill_mask(
       params, tokens, lengths, cfg=cfg, mask_id=tokenizer.mask_id, suppress_ids=special,
-      iterative=iterative, bidirectional=objective in ('masked', 'hybrid'),
-      shift=objective != 'masked')
+      iterative=iterative, bidirectional=objective.bidirectional_fill,
+      shift=objective.readout == 'next')
   filled, logps = np.asarray(filled), np.asarray(logps)
   results = []
   for i, ids in enumerate(encoded):
@@ -101,13 +99,16 @@ def run(workdir, prompts, fills, *, fill_mode='iterative', max_new_tokens=64,
   if cfg.scalar_head:
     raise UserError(f'{workdir} holds a reward/value model (a scalar head), not a language '
                     'model to sample from')
-  objective = config.get('objective', {}).get('name', 'causal')
-  log(f'{workdir}: {objective} checkpoint, {cfg.num_layers} layers, d {cfg.d_model}, '
+  try:
+    objective = objectives_lib.get(config.get('objective', {}).get('name', 'causal'))
+  except ValueError as e:
+    raise UserError(f'{workdir}: {e}') from None
+  log(f'{workdir}: {objective.name} checkpoint, {cfg.num_layers} layers, d {cfg.d_model}, '
       f'loaded in {time.time() - start:.1f}s')
   out = {}
   if prompts:
-    if objective == 'masked':
-      log('note: a masked-LM checkpoint was not trained to continue text left to right')
+    if not objective.can_generate:
+      log(f'note: a {objective.name} checkpoint was not trained to continue text left to right')
     start = time.time()
     out['samples'] = continue_texts(params, cfg, tokenizer, objective, prompts,
                                     max_new_tokens=max_new_tokens, temperature=temperature,
@@ -121,8 +122,8 @@ def run(workdir, prompts, fills, *, fill_mode='iterative', max_new_tokens=64,
   if fills:
     out['fills'] = fill_texts(params, cfg, tokenizer, objective, fills,
                               iterative=fill_mode == 'iterative')
-    if objective not in ('masked', 'hybrid'):
-      log(f'note: a {objective} checkpoint fills masks from their left context only')
+    if not objective.bidirectional_fill:
+      log(f'note: a {objective.name} checkpoint fills masks from their left context only')
     for f, (text, picks) in zip(fills, out['fills']):
       log(f'\n{f!r} -> {text!r}\n  ' + ', '.join(f'{p!r} ({q:.2f})' for p, q in picks))
   return out

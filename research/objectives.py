@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+F32 = jnp.float32
+
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
@@ -28,13 +30,14 @@ class SpecialIds:
   vocab_size: int
   special: tuple[int, ...]  # never masked or used as a random replacement
   sentinels: tuple[int, ...]
+  modes: tuple[int, ...] = ()  # UL2's [R], [S], [X] (spare sentinel slots, tokenizer.py)
 
   @classmethod
   def from_tokenizer(cls, tok) -> 'SpecialIds':
     return cls(pad=tok.pad_id, mask=tok.mask_id, vocab_size=tok.vocab_size,
                special=tuple(int(i) for i in np.flatnonzero(tok.is_special_mask(
                    np.arange(tok.vocab_size)))),
-               sentinels=tuple(tok.sentinel_ids))
+               sentinels=tuple(tok.sentinel_ids), modes=tuple(tok.ul2_mode_ids))
 
 
 def _next_token_targets(tokens_BxL, segment_ids_BxL):
@@ -204,6 +207,73 @@ def hybrid(batch, rng, ids: SpecialIds, causal_fraction=0.5, mask_rate=0.15):
               weights=jnp.where(c, next_ok, next_ok & selected_next).astype(jnp.float32))
 
 
+UL2_DENOISERS = ('R', 'S', 'X')
+
+
+def _prefix_stream(tokens_BxM, seg_BxM, rng):
+  """S-denoiser on a row read as one stream (as span corruption reads it): a uniform split
+  k in [1, M − 1]; tokens before k are a bidirectional prefix, the rest predicted causally."""
+  b, m = tokens_BxM.shape
+  split_Bx1 = jnp.clip(jnp.floor(jax.random.uniform(rng, (b,)) * m).astype(jnp.int32),
+                       1, m - 1)[:, None]
+  idx_1xM = jnp.arange(m)[None, :]
+  next_real = jnp.concatenate([seg_BxM[:, 1:] > 0, jnp.zeros((b, 1), bool)], axis=1)
+  targets = jnp.concatenate([tokens_BxM[:, 1:], jnp.zeros_like(tokens_BxM[:, :1])], axis=1)
+  weights = (idx_1xM >= split_Bx1 - 1) & (idx_1xM < m - 1) & next_real
+  return dict(inputs=tokens_BxM, positions=jnp.broadcast_to(idx_1xM, (b, m)).astype(jnp.int32),
+              segment_ids=(seg_BxM > 0).astype(jnp.int32),
+              prefix=jnp.broadcast_to(idx_1xM < split_Bx1, (b, m)), targets=targets,
+              weights=weights.astype(jnp.float32))
+
+
+def ul2(batch, rng, ids: SpecialIds, mix_r=0.4, mix_s=0.2, mix_x=0.4, r_noise_rate=0.15,
+        r_mean_span=3.0, x_noise_rate=0.5, x_mean_span=32.0):
+  """UL2's mixture of denoisers (Tay et al. 2022, §3.1), decoder-only, one denoiser per row.
+
+  Each row draws R, S or X with probabilities (mix_r, mix_s, mix_x) (normalised; three
+  scalars so a config's JSON round trip compares equal on resume) and starts with that
+  denoiser's mode token (§3.1.3, `ids.modes`), a bidirectional input token, then:
+    R  regular span corruption (T5; `span_corruption` with r_noise_rate, r_mean_span);
+    S  sequential denoising: prefix LM on the row read as one stream;
+    X  extreme span corruption (x_noise_rate, x_mean_span: long spans or a high rate).
+  The remaining L − 1 columns are the denoiser's output on the row's first L − 1 tokens
+  (rows read as one stream, as `span_corruption` reads them), shifted right by one.
+  Sentinels are `ids.sentinels` minus the mode ids. Returns the module's dict (B×L).
+  Raises ValueError without 3 mode ids, for mixture weights that are negative or sum to
+  0, or when a span denoiser needs more sentinels than there are.
+  """
+  if len(ids.modes) != 3:
+    raise ValueError(f'ul2 needs the 3 mode ids [R], [S], [X], got {ids.modes}')
+  mixture = np.asarray([mix_r, mix_s, mix_x], np.float64)
+  if np.any(mixture < 0) or mixture.sum() <= 0:
+    raise ValueError(f'ul2 mixture {tuple(mixture)}: expected 3 weights >= 0 (R, S, X)')
+  tokens, seg = batch['tokens'], batch['segment_ids']
+  b, l = tokens.shape
+  r_mode, r_r, r_s, r_x = jax.random.split(rng, 4)
+  span_ids = dataclasses.replace(ids, sentinels=tuple(s for s in ids.sentinels
+                                                      if s not in ids.modes))
+  stream = dict(tokens=tokens[:, :l - 1], segment_ids=seg[:, :l - 1],
+                positions=batch['positions'][:, :l - 1])
+  outs = (span_corruption(stream, r_r, span_ids, r_noise_rate, r_mean_span),
+          _prefix_stream(stream['tokens'], stream['segment_ids'], r_s),
+          span_corruption(stream, r_x, span_ids, x_noise_rate, x_mean_span))
+  mode_B = jax.random.choice(r_mode, 3, (b,), p=jnp.asarray(mixture / mixture.sum(), F32))
+  pick = lambda key: sum(jnp.where((mode_B == i).reshape((b,) + (1,) * (o[key].ndim - 1)),
+                                   o[key], jnp.zeros_like(o[key]))
+                         for i, o in enumerate(outs))
+  ex = {k: pick(k).astype(outs[0][k].dtype) for k in outs[0]}
+  mode_Bx1 = jnp.asarray(ids.modes, tokens.dtype)[mode_B][:, None]
+  ones_Bx1 = jnp.ones((b, 1), jnp.int32)
+  return dict(
+      inputs=jnp.concatenate([mode_Bx1, ex['inputs']], axis=1),
+      positions=jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)),
+      segment_ids=jnp.concatenate([ones_Bx1, ex['segment_ids'].astype(jnp.int32)], axis=1),
+      prefix=jnp.concatenate([jnp.ones((b, 1), bool), ex['prefix'].astype(bool)], axis=1),
+      # The mode token's output would predict the first input token: not scored.
+      targets=jnp.concatenate([ex['inputs'][:, :1], ex['targets']], axis=1),
+      weights=jnp.concatenate([jnp.zeros((b, 1), jnp.float32), ex['weights']], axis=1))
+
+
 def supervised(batch, rng, ids: SpecialIds):
   """Fine-tuning on chosen tokens (SFT): next-token prediction scored only where the
   target token is marked in `batch['loss_mask']` (assistant turns, research/chat.py)."""
@@ -213,11 +283,75 @@ def supervised(batch, rng, ids: SpecialIds):
   return dict(example, weights=example['weights'] * next_mask.astype(jnp.float32))
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """One objective and everything the rest of the code asks of it by name.
+
+  fn: `fn(batch, rng, ids, **kwargs)` -> model inputs and targets (module docstring).
+  keys: the config keys (`objective.<key>`) it takes, as keyword arguments of fn; a
+    config's other keys are not passed to it.
+  readout: 'next' (the output at i predicts token i+1) or 'inplace' (the output at a
+    masked position predicts the token there): how evaluations read its predictions.
+  attention: 'causal' if it never trains with bidirectional attention, else
+    'bidirectional': how a whole-sequence reader (a classifier) attends natively.
+  bidirectional_prompt: generation reads the prompt as a bidirectional prefix (as trained).
+  bidirectional_fill: fills masks with bidirectional attention (trained on <mask> inputs
+    read bidirectionally); otherwise from their left context.
+  can_generate: it trains left-to-right continuation, so sampling text from it makes sense.
+  """
+  name: str
+  fn: Callable
+  keys: tuple[str, ...] = ()
+  readout: str = 'next'
+  attention: str = 'causal'
+  bidirectional_prompt: bool = False
+  bidirectional_fill: bool = False
+  can_generate: bool = True
+
+  def make(self, **kwargs) -> Callable:
+    """-> fn(batch, rng, ids) with `kwargs` bound. Raises ValueError for a key it does not take."""
+    unknown = sorted(set(kwargs) - set(self.keys))
+    if unknown:
+      raise ValueError(f'objective {self.name!r} takes {list(self.keys)}, not {unknown}')
+    fn = self.fn
+    return lambda batch, rng, ids: fn(batch, rng, ids, **kwargs)
+
+  def from_config(self, objective_config) -> Callable:
+    """-> fn(batch, rng, ids) with this objective's keys read from `objective_config`
+    (a dict with 'name' and any keys); keys it does not take are ignored. A key it takes
+    and the config lacks keeps the function's default."""
+    return self.make(**{k: objective_config[k] for k in self.keys if k in objective_config})
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    Objective('causal', causal),
+    Objective('masked', masked, keys=('mask_rate',), readout='inplace',
+              attention='bidirectional', bidirectional_fill=True, can_generate=False),
+    Objective('prefix', prefix_lm, attention='bidirectional', bidirectional_prompt=True),
+    Objective('span', span_corruption, keys=('noise_rate', 'mean_span'),
+              attention='bidirectional', bidirectional_prompt=True),
+    Objective('hybrid', hybrid, keys=('causal_fraction', 'mask_rate'),
+              attention='bidirectional', bidirectional_fill=True),
+    Objective('ul2', ul2, keys=('mix_r', 'mix_s', 'mix_x', 'r_noise_rate', 'r_mean_span', 'x_noise_rate',
+                                'x_mean_span'),
+              attention='bidirectional', bidirectional_prompt=True),
+    Objective('supervised', supervised),
+)}
+
+
+def get(name: str) -> Objective:
+  """The record of objective `name`. Raises ValueError for an unknown name."""
+  if name not in OBJECTIVES:
+    raise ValueError(f'objective {name!r}: expected one of {sorted(OBJECTIVES)}')
+  return OBJECTIVES[name]
+
+
 def get_objective(name: str, **kwargs) -> Callable:
-  """Objective by config name -> fn(batch, rng, ids)."""
-  fns = {'causal': causal, 'masked': masked, 'prefix': prefix_lm, 'span': span_corruption,
-         'hybrid': hybrid, 'supervised': supervised}
-  if name not in fns:
-    raise ValueError(f'objective {name!r}: expected one of {sorted(fns)}')
-  fn = fns[name]
-  return lambda batch, rng, ids: fn(batch, rng, ids, **kwargs)
+  """Objective by config name -> fn(batch, rng, ids). Raises ValueError for an unknown
+  name or a keyword the objective does not take."""
+  return get(name).make(**kwargs)
+
+
+def from_config(objective_config) -> Callable:
+  """fn(batch, rng, ids) of a config's `objective` section ({'name': ..., keys...})."""
+  return get(objective_config['name']).from_config(objective_config)

@@ -14,6 +14,10 @@ Ouyang et al. 2022, inside one jit:
               Or GRPO (Shao et al. 2024): no value model; the k rows sampled for a
               prompt form a group and A = (s − mean_group s) / (std_group s + ε) on
               every token of a row, with the KL as a loss term β·k3 instead of a reward;
+              RLOO (Ahmadian et al. 2024): A = s − mean of the other k − 1 scores, the
+              sequence KL in the reward; Dr. GRPO (Liu et al. 2025): A = s − mean_group s,
+              the policy loss summed over tokens / (rows × N) (no length normalisation).
+              Each estimator is one record of ESTIMATORS;
   updates     `epochs` passes over the rows, shuffled, in `minibatches` minibatches:
               clipped surrogate  L_π = mean_t −min(ρ_t·A_t, clip(ρ_t, 1 ± ε)·A_t),
               ρ_t = π(a_t)/π_old(a_t), minus entropy_coef·entropy; clipped value loss
@@ -80,8 +84,9 @@ class PPOConfig:
   max_new_tokens: N. temperature: sampling temperature (1 = on-policy; log π is
     always the temperature-1 policy).
   no_eos_penalty: subtracted from the score of rows that never emitted eos (>= 0).
-  advantage: 'gae' (value model) or 'grpo' (group-normalised scores, no value model).
-  group_size: k, rows per prompt for 'grpo'.
+  advantage: an ESTIMATORS name: 'gae' (value model), 'grpo' (group-normalised scores),
+    'rloo' (leave-one-out baseline), 'dr_grpo' (GRPO without std or length normalisation).
+  group_size: k, rows per prompt for the group estimators (all but 'gae').
   whiten_advantages: whiten GAE advantages over the batch ('gae' only; GRPO's are
     already normalised per group).
   """
@@ -105,13 +110,19 @@ class PPOConfig:
   whiten_advantages: bool = True
 
   def __post_init__(self):
-    if self.advantage not in ('gae', 'grpo'):
-      raise ValueError(f"ppo.advantage={self.advantage!r}: expected 'gae' or 'grpo'")
+    if self.advantage not in ESTIMATORS:
+      raise ValueError(f'ppo.advantage={self.advantage!r}: expected one of {sorted(ESTIMATORS)}')
     for name in ('epochs', 'minibatches', 'max_new_tokens', 'group_size'):
       if getattr(self, name) < 1:
         raise ValueError(f'ppo.{name}={getattr(self, name)} must be >= 1')
-    if self.advantage == 'grpo' and self.group_size < 2:
-      raise ValueError(f'ppo.group_size={self.group_size}: GRPO needs groups of >= 2 samples')
+    if self.estimator.groups and self.group_size < 2:
+      raise ValueError(f'ppo.group_size={self.group_size}: {self.advantage} needs groups of >= 2 '
+                       'samples')
+
+  @property
+  def estimator(self) -> 'Estimator':
+    """The record of `advantage` (ESTIMATORS)."""
+    return ESTIMATORS[self.advantage]
 
   @property
   def kl_controller(self) -> 'AdaptiveKL':
@@ -256,20 +267,61 @@ def gae(rewards_BxN, values_BxN, mask_BxN, gamma, lam):
   return advantages_BxN, jnp.where(m_BxN, advantages_BxN + values_BxN, 0.0)
 
 
-def grpo_advantages(scores_B, group_size: int, mask_BxN, eps: float = 1e-6):
-  """(score − group mean) / (group std + eps), rows grouped consecutively k at a time.
-
-  The std is the population std of the group. Broadcast to every valid token; 0
-  elsewhere. Each group's per-row advantages sum to 0.
-  """
+def _groups(scores_B, group_size: int):
+  """Scores float32 G×K (rows grouped consecutively k at a time) and a G×1 bool that is
+  True where every score of the group is identical. Raises ValueError if B % k != 0."""
   b = scores_B.shape[0]
   if b % group_size:
     raise ValueError(f'batch {b} is not a multiple of group_size {group_size}')
   s_GxK = scores_B.astype(F32).reshape(b // group_size, group_size)
+  same_Gx1 = jnp.max(s_GxK, axis=1, keepdims=True) == jnp.min(s_GxK, axis=1, keepdims=True)
+  return s_GxK, same_Gx1
+
+
+def _per_token(advantage_GxK, same_Gx1, mask_BxN):
+  """A group of identical scores carries no signal: exactly 0 (not float residue over a
+  ~0 std). Broadcast to every valid token of a row, 0 elsewhere; float32 B×N."""
+  advantage_B = jnp.where(same_Gx1, 0.0, advantage_GxK).reshape(-1)
+  return jnp.where(mask_BxN, advantage_B[:, None], 0.0)
+
+
+def grpo_advantages(scores_B, group_size: int, mask_BxN, eps: float = 1e-6):
+  """GRPO (Shao et al. 2024, DeepSeekMath §4.1.2): A_i = (s_i − mean_group s) / (std_group s + eps).
+
+  scores_B float B (rows grouped consecutively k = group_size at a time), mask_BxN bool
+  -> float32 B×N. The std is the population std of the group. Broadcast to every valid
+  token; 0 elsewhere. Each group's per-row advantages sum to 0; a group of identical
+  scores gets exactly 0. Raises ValueError if B is not a multiple of k.
+  """
+  s_GxK, same_Gx1 = _groups(scores_B, group_size)
   mean_Gx1 = jnp.mean(s_GxK, axis=1, keepdims=True)
   std_Gx1 = jnp.std(s_GxK, axis=1, keepdims=True)
-  advantage_B = ((s_GxK - mean_Gx1) / (std_Gx1 + eps)).reshape(b)
-  return jnp.where(mask_BxN, advantage_B[:, None], 0.0)
+  return _per_token((s_GxK - mean_Gx1) / (std_Gx1 + eps), same_Gx1, mask_BxN)
+
+
+def rloo_advantages(scores_B, group_size: int, mask_BxN):
+  """RLOO (Ahmadian et al. 2024, eq. 5; Kool et al. 2019): A_i = s_i − 1/(k−1)·Σ_{j≠i} s_j,
+  the leave-one-out baseline of the other k − 1 samples of the prompt.
+
+  scores_B float B (groups of k = group_size consecutive rows, k >= 2), mask_BxN bool ->
+  float32 B×N, broadcast to every valid token, 0 elsewhere. Identical scores: exactly 0.
+  Raises ValueError if B is not a multiple of k.
+  """
+  s_GxK, same_Gx1 = _groups(scores_B, group_size)
+  others_Gx1 = jnp.sum(s_GxK, axis=1, keepdims=True) - s_GxK
+  return _per_token(s_GxK - others_Gx1 / (group_size - 1), same_Gx1, mask_BxN)
+
+
+def dr_grpo_advantages(scores_B, group_size: int, mask_BxN):
+  """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-like training", eq. 3 / Fig. 1):
+  A_i = s_i − mean_group s, GRPO without the division by the group's std.
+
+  Same shapes, layout and errors as `grpo_advantages`; identical scores: exactly 0.
+  (Dr. GRPO's other change, no length normalisation, is in the loss: `policy_loss`'s
+  `normaliser`.)
+  """
+  s_GxK, same_Gx1 = _groups(scores_B, group_size)
+  return _per_token(s_GxK - jnp.mean(s_GxK, axis=1, keepdims=True), same_Gx1, mask_BxN)
 
 
 def repeat_prompts(prompt_BxP, lengths_B, group_size: int):
@@ -306,9 +358,13 @@ def kl_stats(logp_BxN, ref_logp_BxN, mask_BxN):
 # --------------------------------------------------------------------------------------
 
 
-def policy_loss(logp_new, logp_old, advantages, mask, clip_eps):
-  """Clipped surrogate mean_t −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A), ρ = exp(log π − log π_old).
+def policy_loss(logp_new, logp_old, advantages, mask, clip_eps, normaliser=None):
+  """Clipped surrogate mean_t −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A), ρ = exp(log π − log π_old)
+  (Schulman et al. 2017, eq. 7). All B×N; mask bool.
 
+  normaliser None: the mean over valid tokens; a number: the sum over valid tokens
+  divided by it (Dr. GRPO's constant, rows × N, so no response length rescales its
+  tokens' gradients; Liu et al. 2025 §3.1).
   -> (loss, metrics): clip_fraction (share of tokens with |ρ − 1| > ε), approx_kl
   (k3 estimate of KL(π_old‖π): mean (ρ − 1) − log ρ), ratio_max_dev (max |ρ − 1|).
   """
@@ -316,7 +372,11 @@ def policy_loss(logp_new, logp_old, advantages, mask, clip_eps):
   ratio = jnp.exp(log_ratio)
   unclipped = ratio * advantages
   clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
-  loss = masked_mean(-jnp.minimum(unclipped, clipped), mask)
+  surrogate = -jnp.minimum(unclipped, clipped)
+  if normaliser is None:
+    loss = masked_mean(surrogate, mask)
+  else:
+    loss = jnp.sum(jnp.where(mask, surrogate, 0.0)) / normaliser
   metrics = dict(
       clip_fraction=masked_mean((jnp.abs(ratio - 1.0) > clip_eps).astype(F32), mask),
       approx_kl=masked_mean((ratio - 1.0) - log_ratio, mask),
@@ -369,6 +429,82 @@ class AdaptiveKL:
 
 
 # --------------------------------------------------------------------------------------
+# Advantage estimators: one record each
+# --------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class AdvantageInputs:
+  """What an estimator sees of a rollout: score_B, done_B (emitted eos), log π_old and
+  log π_ref (float32 B×N), values_BxN (None without a value model), mask_BxN, β."""
+  score_B: jax.Array
+  done_B: jax.Array
+  logp_BxN: jax.Array
+  ref_logp_BxN: jax.Array
+  values_BxN: Optional[jax.Array]
+  mask_BxN: jax.Array
+  beta: jax.Array
+
+
+def _final_scores(x: AdvantageInputs, cfg) -> jax.Array:
+  """score − no_eos_penalty for rows that never emitted eos (float32 B)."""
+  return x.score_B - cfg.no_eos_penalty * (~x.done_B).astype(F32)
+
+
+def _estimate_gae(x: AdvantageInputs, cfg):
+  rewards = token_rewards(x.score_B, x.logp_BxN, x.ref_logp_BxN, x.mask_BxN, x.beta, x.done_B,
+                          cfg.no_eos_penalty)
+  advantages, returns = gae(rewards, x.values_BxN, x.mask_BxN, cfg.gamma, cfg.lam)
+  if cfg.whiten_advantages:
+    advantages = whiten(advantages, x.mask_BxN)
+  return advantages, returns, rewards
+
+
+def _estimate_grpo(x: AdvantageInputs, cfg):
+  return grpo_advantages(_final_scores(x, cfg), cfg.group_size, x.mask_BxN), None, None
+
+
+def _estimate_dr_grpo(x: AdvantageInputs, cfg):
+  return dr_grpo_advantages(_final_scores(x, cfg), cfg.group_size, x.mask_BxN), None, None
+
+
+def _estimate_rloo(x: AdvantageInputs, cfg):
+  # Ahmadian et al. 2024 §3: the sequence reward is r(x, y) − β·log π(y|x)/π_ref(y|x)
+  # (k1 summed over the response), then the leave-one-out baseline.
+  kl_B = jnp.sum(jnp.where(x.mask_BxN, kl_k1(x.logp_BxN, x.ref_logp_BxN), 0.0), axis=1)
+  final_B = _final_scores(x, cfg) - x.beta * kl_B
+  return rloo_advantages(final_B, cfg.group_size, x.mask_BxN), None, None
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+  """An advantage estimator and what the iteration asks of it.
+
+  estimate: (AdvantageInputs, PPOConfig) -> (advantages_BxN, returns_BxN or None,
+    rewards_BxN or None), float32.
+  value_model: it needs a value model (trained alongside, clipped value loss).
+  groups: rows come in groups of cfg.group_size (>= 2) samples of one prompt.
+  length_normalised: the policy loss is a mean over valid tokens; False: a sum over
+    valid tokens divided by the constant rows × N (Dr. GRPO).
+  kl_loss: the KL to the reference is a loss term β·k3; False: it is in the reward.
+  """
+  name: str
+  estimate: Callable
+  value_model: bool = False
+  groups: bool = True
+  length_normalised: bool = True
+  kl_loss: bool = True
+
+
+ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
+    Estimator('gae', _estimate_gae, value_model=True, groups=False, kl_loss=False),
+    Estimator('grpo', _estimate_grpo),
+    Estimator('rloo', _estimate_rloo, kl_loss=False),
+    Estimator('dr_grpo', _estimate_dr_grpo, length_normalised=False),
+)}
+
+
+# --------------------------------------------------------------------------------------
 # State and the iteration
 # --------------------------------------------------------------------------------------
 
@@ -407,10 +543,11 @@ class Rollout:
 
 def init_ppo_state(policy_params, tx_policy, cfg: PPOConfig, rng, value_params=None,
                    tx_value=None) -> PPOState:
-  """The initial state: β = cfg.beta, step 0. GAE needs value params and tx_value."""
-  if cfg.advantage == 'gae':
+  """The initial state: β = cfg.beta, step 0. An estimator with a value model (GAE) needs
+  value params and tx_value (ValueError otherwise)."""
+  if cfg.estimator.value_model:
     if value_params is None or tx_value is None:
-      raise ValueError("advantage='gae' needs value_params and tx_value")
+      raise ValueError(f'advantage={cfg.advantage!r} needs value_params and tx_value')
     value_opt_state = tx_value.init(value_params)
   else:
     value_params, value_opt_state = None, None
@@ -424,30 +561,36 @@ def make_ppo_iteration(policy_model, value_model, ref_params, reward_fn: Callabl
                        top_p: float = 1.0):
   """-> pure `iteration(state, prompt_BxP, lengths_B, ref_params=None, reward_args=())`.
 
-  Returns (state, metrics, Rollout). Suitable for `jax.jit` as a whole.
+  Returns (state, metrics, Rollout). Suitable for `jax.jit` as a whole. The iteration
+  runs four named stages: rollout -> advantages (the estimator `cfg.advantage` of
+  ESTIMATORS) -> clipped updates over minibatches -> metrics; what differs between
+  estimators (value model, groups, length normalisation, where the KL goes) is read
+  from the estimator's record.
 
   Args:
     policy_model: the policy's Transformer (scalar_head False); the reference policy
       is the same model with `ref_params`.
-    value_model: a Transformer with scalar_head=True (None for GRPO).
+    value_model: a Transformer with scalar_head=True (None for estimators without one).
     ref_params: the frozen initial policy. May be None here and given to each call
       instead (recommended beyond toy sizes: an argument, not a compiled-in constant).
     reward_fn: jittable `reward_fn(prompt_BxP, lengths_B, response_BxN, valid_BxN,
       *reward_args) -> score_B` (e.g. `reward_model.make_reward_fn(rm_model)` with
       reward_args=(rm_params, offset), or any toy function of the tokens).
-    tx_policy, tx_value: optax optimisers (tx_value None for GRPO).
+    tx_policy, tx_value: optax optimisers (tx_value None without a value model).
     cfg: PPOConfig. eos_id: end-of-turn id (a row stops there). pad_id: written after
       eos. top_k, top_p: sampling filters (static).
 
-  Prompts: left-aligned with lengths (>= 1), B divisible by cfg.minibatches; for GRPO
-  each prompt repeated cfg.group_size times consecutively (`repeat_prompts`).
+  Prompts: left-aligned with lengths (>= 1), B divisible by cfg.minibatches; for group
+  estimators each prompt repeated cfg.group_size times consecutively (`repeat_prompts`).
+  Raises ValueError: a value-model estimator without a value model; at trace time, B
+  not divisible by minibatches / group_size, or no reference params.
 
   `jax.jit(iteration, donate_argnums=0)` may donate the state, as long as the reference
   params are separate buffers (not the initial state's policy params themselves).
   """
-  grpo = cfg.advantage == 'grpo'
-  if not grpo and value_model is None:
-    raise ValueError("advantage='gae' needs a value model")
+  est = ESTIMATORS[cfg.advantage]
+  if est.value_model and value_model is None:
+    raise ValueError(f'advantage={cfg.advantage!r} needs a value model')
   n = cfg.max_new_tokens
   closed_ref_params = ref_params
 
@@ -458,7 +601,7 @@ def make_ppo_iteration(policy_model, value_model, ref_params, reward_fn: Callabl
     b, p = prompt_BxP.shape
     if b % cfg.minibatches:
       raise ValueError(f'batch {b} is not divisible by minibatches={cfg.minibatches}')
-    if grpo and b % cfg.group_size:
+    if est.groups and b % cfg.group_size:
       raise ValueError(f'batch {b} is not a multiple of group_size={cfg.group_size}')
     mb = b // cfg.minibatches
     lengths_B = lengths_B.astype(jnp.int32)
@@ -471,47 +614,45 @@ def make_ppo_iteration(policy_model, value_model, ref_params, reward_fn: Callabl
       flat = x.reshape(b, *x.shape[2:])
       return jnp.zeros_like(flat).at[perm].set(flat)
 
-    # Rollout.
+    # 1. Rollout: sample, then old / reference log-probs and values by minibatches in the
+    # first epoch's order, and the scores.
     gen = sampling.generate(state.policy_params, prompt_BxP, lengths_B, r_generate,
                             cfg=policy_model.cfg, max_new_tokens=n, eos_id=eos_id, pad_id=pad_id,
                             temperature=cfg.temperature, top_k=top_k, top_p=top_p)
     mask_BxN = gen.valid_BxN
     seq = sequence_from_rollout(prompt_BxP, lengths_B, gen.tokens_BxN, mask_BxN, pad_id)
 
-    # Old / reference log-probs and values, by minibatches in the first epoch's order.
     def rollout_forward(s):
       logp, entropy = response_logprobs_and_entropy(state.policy_params, policy_model, s, p, n)
       ref_logp, _ = response_logprobs_and_entropy(ref, policy_model, s, p, n)
-      values = None if grpo else response_values(state.value_params, value_model, s, p, n)
+      values = (response_values(state.value_params, value_model, s, p, n) if est.value_model
+                else None)
       return logp, entropy, ref_logp, values
 
     out = jax.lax.map(rollout_forward, jax.tree.map(lambda x: chunk(x, perms_ExB[0]), seq))
     logp_old, entropy, ref_logp, values = jax.tree.map(lambda x: unchunk(x, perms_ExB[0]), out)
-
     score_B = reward_fn(prompt_BxP, lengths_B, gen.tokens_BxN, mask_BxN, *reward_args)
     score_B = jax.lax.stop_gradient(score_B.astype(F32))
     beta = state.beta
-    if grpo:
-      final_B = score_B - cfg.no_eos_penalty * (~gen.done_B).astype(F32)
-      advantages = grpo_advantages(final_B, cfg.group_size, mask_BxN)
-      rewards = returns = None
-    else:
-      rewards = token_rewards(score_B, logp_old, ref_logp, mask_BxN, beta, gen.done_B,
-                              cfg.no_eos_penalty)
-      advantages, returns = gae(rewards, values, mask_BxN, cfg.gamma, cfg.lam)
-      if cfg.whiten_advantages:
-        advantages = whiten(advantages, mask_BxN)
 
-    # Updates: epochs x minibatches, rows shuffled every epoch.
+    # 2. Advantages, by the estimator's record.
+    advantages, returns, rewards = est.estimate(
+        AdvantageInputs(score_B=score_B, done_B=gen.done_B, logp_BxN=logp_old,
+                        ref_logp_BxN=ref_logp, values_BxN=values, mask_BxN=mask_BxN,
+                        beta=beta), cfg)
+
+    # 3. Clipped updates: epochs x minibatches, rows shuffled every epoch.
+    normaliser = None if est.length_normalised else float(mb * n)
+
     def policy_objective(params, batch):
       logp, ent = response_logprobs_and_entropy(params, policy_model, batch['seq'], p, n)
       mask = batch['mask']
       loss, metrics = policy_loss(logp, batch['logp_old'], batch['advantages'], mask,
-                                  cfg.clip_eps)
+                                  cfg.clip_eps, normaliser)
       mean_entropy = masked_mean(ent, mask)
       total = loss - cfg.entropy_coef * mean_entropy
       metrics = dict(metrics, policy_loss=loss, minibatch_entropy=mean_entropy)
-      if grpo:  # KL to the reference as a loss term (DeepSeekMath), k3 per token
+      if est.kl_loss:  # KL to the reference as a loss term (DeepSeekMath), k3 per token
         kl = masked_mean(kl_k3(logp, batch['ref_logp']), mask)
         total = total + beta * kl
         metrics['kl_loss'] = kl
@@ -530,7 +671,7 @@ def make_ppo_iteration(policy_model, value_model, ref_params, reward_fn: Callabl
       updates, policy_opt = tx_policy.update(grads, policy_opt, policy_params)
       policy_params = optax.apply_updates(policy_params, updates)
       metrics['policy_grad_norm'] = optax.tree.norm(grads)
-      if not grpo:
+      if est.value_model:
         (_, v_metrics), grads = jax.value_and_grad(value_objective, has_aux=True)(value_params,
                                                                                   batch)
         updates, value_opt = tx_value.update(grads, value_opt, value_params)
@@ -549,7 +690,7 @@ def make_ppo_iteration(policy_model, value_model, ref_params, reward_fn: Callabl
     (policy_params, policy_opt, value_params, value_opt), per_update = jax.lax.scan(
         epoch, carry, perms_ExB)
 
-    # Metrics (of this rollout; update metrics averaged over every minibatch).
+    # 4. Metrics (of this rollout; update metrics averaged over every minibatch).
     kl = kl_stats(logp_old, ref_logp, mask_BxN)
     metrics = dict(
         score_mean=jnp.mean(score_B), score_std=jnp.std(score_B),
@@ -563,7 +704,7 @@ def make_ppo_iteration(policy_model, value_model, ref_params, reward_fn: Callabl
     for name, value in per_update.items():
       if name != 'ratio_max_dev':
         metrics[name] = jnp.mean(value)
-    if not grpo:
+    if est.value_model:
       metrics.update(explained_variance=explained_variance(values, returns, mask_BxN),
                      value_mean=masked_mean(values, mask_BxN),
                      return_mean=masked_mean(returns, mask_BxN),
@@ -667,14 +808,14 @@ def jitted_iteration(policy_cfg, rm_cfg, cfg: PPOConfig, policy_lr: float, value
                   grad_clip: float, stop_id: int, pad_id: int, close: bool, fast: bool):
   """-> (jitted `make_ppo_iteration` with Adam optimisers and the reward model's closing
   reward function, tx_policy, tx_value); cached so a process compiles it once. GRPO has
-  no value model (tx_value None). `fast` compiles with FAST_COMPILE."""
-  grpo = cfg.advantage == 'grpo'
+  no value model (tx_value None) in the group estimators. `fast` compiles with FAST_COMPILE."""
+  no_value = not cfg.estimator.value_model
   tx_policy = optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(policy_lr))
-  tx_value = None if grpo else optax.chain(optax.clip_by_global_norm(grad_clip),
+  tx_value = None if no_value else optax.chain(optax.clip_by_global_norm(grad_clip),
                                            optax.adam(value_lr))
   rm_model = model_lib.Transformer(rm_cfg)
   iteration = make_ppo_iteration(
-      model_lib.Transformer(policy_cfg), None if grpo else rm_model, None,
+      model_lib.Transformer(policy_cfg), None if no_value else rm_model, None,
       reward_model.make_reward_fn(rm_model, pad_id, stop_id, close), tx_policy, tx_value, cfg, stop_id,
       pad_id=pad_id)
   return (jax.jit(iteration, donate_argnums=0, compiler_options=FAST_COMPILE if fast else None),

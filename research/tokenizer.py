@@ -19,6 +19,13 @@ shifting ids):
   109    <|tool_call|>   110 <|/tool_call|>    a tool call (JSON) between them
   111    <|tool_result|> 112 <|/tool_result|>  a tool's answer between them
 
+UL2's mode tokens [R], [S], [X] (Tay et al. 2022) reuse the last three sentinel slots,
+<extra_id_97> (R), <extra_id_98> (S), <extra_id_99> (X): a new id after 112 would shift
+the byte-fallback pieces (and every learned piece) of every tokenizer trained so far,
+and `_check_special_ids` would then refuse them all. Span corruption takes sentinels
+from <extra_id_0> up and never needs 97 at the lengths used here; the UL2 objective
+uses only the other 97 as sentinels.
+
 After the specials come the 256 byte-fallback pieces <0x00>..<0xFF> (ids 113-368),
 then the learned BPE pieces.
 
@@ -74,6 +81,9 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MASK_ID = SPECIAL_TOKENS[_MASK]
 SENTINEL_IDS: tuple[int, ...] = tuple(SPECIAL_TOKENS[s] for s in _SENTINELS)
 CHAT_IDS: dict[str, int] = {name: SPECIAL_TOKENS[p] for name, p in _CHAT}
+# UL2 mode tokens: spare sentinel slots (see the module docstring), in R, S, X order.
+UL2_MODE_IDS: tuple[int, ...] = tuple(
+    SPECIAL_TOKENS[f"<extra_id_{i}>"] for i in (97, 98, 99))
 # All reserved ids are 0 .. NUM_SPECIAL - 1.
 NUM_SPECIAL = len(SPECIAL_TOKENS)
 _NUM_BYTES = 256
@@ -167,6 +177,7 @@ class Tokenizer:
   mask_id = property(lambda self: MASK_ID)
   sentinel_ids = property(lambda self: list(SENTINEL_IDS))
   chat_ids = property(lambda self: dict(CHAT_IDS))
+  ul2_mode_ids = property(lambda self: tuple(UL2_MODE_IDS))
 
   def is_special_mask(self, ids: np.ndarray) -> np.ndarray:
     """Boolean array, True where `ids` is a reserved special id (never MLM-masked)."""

@@ -65,7 +65,7 @@ def test_budget_is_equal_across_all_arms_and_asserted(corpus, tmp_path):
   rows = data_lib.pack_documents(tok, docs, 32)
   budgets = {arm: study.run_budget(study.arm_config(config, arm, 0, tmp_path / 'tok.model'), rows)
              for arm in config.arms}
-  assert len(budgets) == 6
+  assert len(budgets) == 7  # causal, masked15, masked40, prefix, span, hybrid, ul2
   study.check_equal_budget(budgets)  # no error
   first = budgets['causal']
   assert first['input_tokens'] == 4 * 8 * 32 and 0 < first['corpus_tokens'] <= 4 * 8 * 32

@@ -264,3 +264,130 @@ def test_hybrid_equals_numpy_reference_from_the_same_key():
 def test_unknown_objective_is_a_clear_error():
   with pytest.raises(ValueError, match='objective'):
     objectives.get_objective('mlm')
+
+
+def test_record_passes_only_the_keys_an_objective_takes():
+  config = dict(name='masked', mask_rate=0.4, causal_fraction=0.5, noise_rate=0.15,
+                mean_span=3.0)
+  batch = _packed_batch(b=4, seed=2)
+  got = objectives.from_config(config)(batch, jax.random.key(0), IDS)
+  want = objectives.masked(batch, jax.random.key(0), IDS, mask_rate=0.4)
+  np.testing.assert_array_equal(np.asarray(got['weights']), np.asarray(want['weights']))
+  for name, record in objectives.OBJECTIVES.items():
+    assert record.name == name and record.readout in ('next', 'inplace')
+    assert record.attention in ('causal', 'bidirectional')
+    objectives.from_config(dict(config, name=name))  # every other key is left out
+  with pytest.raises(ValueError, match='takes'):
+    objectives.get_objective('causal', mask_rate=0.15)
+
+
+def test_no_experiment_compares_an_objective_name_with_a_literal():
+  """What differs between objectives is read from their records, never `name == 'masked'`."""
+  import ast
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
+  found = []
+  for path in sorted(root.glob('*.py')):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Compare):
+        for side in (node.left, *node.comparators):
+          found += [f'{path.name}:{node.lineno}: {ast.unparse(node)}'
+                    for c in ast.walk(side)
+                    if isinstance(c, ast.Constant) and c.value in objectives.OBJECTIVES]
+  assert found == []
+
+
+UL2_IDS = objectives.SpecialIds(pad=0, mask=4, vocab_size=V, special=tuple(range(1, 40)),
+                                sentinels=tuple(range(5, 40)), modes=(37, 38, 39))
+UL2_ONLY = {'R': dict(mix_r=1.0, mix_s=0.0, mix_x=0.0), 'S': dict(mix_r=0.0, mix_s=1.0, mix_x=0.0),
+            'X': dict(mix_r=0.0, mix_s=0.0, mix_x=1.0)}
+
+
+def _stream_batch(b, l, seed=0):
+  """Rows of distinct ordinary tokens (so a target token can be looked for in the input)."""
+  rng = np.random.default_rng(seed)
+  tokens = np.stack([rng.permutation(np.arange(100, V))[:l] for _ in range(b)]).astype(np.int32)
+  return dict(tokens=jnp.asarray(tokens), segment_ids=jnp.ones((b, l), jnp.int32),
+              positions=jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)))
+
+
+def _no_leak(ex, rows=None):
+  """Every scored ordinary target is hidden from the position that predicts it: not in the
+  bidirectional part, and (next-token readout) later than it."""
+  inputs, prefix = np.asarray(ex['inputs']), np.asarray(ex['prefix'])
+  targets, weights = np.asarray(ex['targets']), np.asarray(ex['weights'])
+  for r in range(rows or inputs.shape[0]):
+    seen = set(inputs[r][prefix[r]].tolist())
+    for i in np.flatnonzero(weights[r]):
+      if targets[r, i] >= 40:  # not a sentinel
+        assert targets[r, i] not in seen, (r, i)
+        assert targets[r, i] not in inputs[r, :i + 1], (r, i)
+
+
+@pytest.mark.parametrize('mode', ['R', 'X'])
+def test_ul2_span_denoisers_are_span_corruption_after_their_mode_token(mode):
+  """R and X: [mode | T5 span corruption of the row's first L − 1 tokens], hand-checked by
+  rebuilding the source from the sentinels; X with long spans."""
+  b, l = 4, 48
+  batch = _stream_batch(b, l)
+  rate, span = (0.15, 3.0) if mode == 'R' else (0.5, 8.0)
+  ex = objectives.ul2(batch, jax.random.key(5), UL2_IDS, **UL2_ONLY[mode],
+                      **{f'{mode.lower()}_noise_rate': rate, f'{mode.lower()}_mean_span': span})
+  src, noise, spans = objectives.span_lengths(l - 1, rate, span)
+  sentinels = set(range(5, 37))  # the mode ids are never sentinels
+  for r in range(b):
+    out = np.asarray(ex['inputs'][r])
+    assert out[0] == UL2_IDS.modes['RSX'.index(mode)]
+    n_in = 1 + src - noise + spans
+    inp, tgt = out[1:n_in], out[n_in:1 + src + 2 * spans]
+    assert sum(t in sentinels for t in inp) == spans == sum(t in sentinels for t in tgt)
+    pieces, cur = {}, None
+    for t in tgt:
+      if t in sentinels:
+        cur = t
+        pieces[cur] = []
+      else:
+        pieces[cur].append(t)
+    assert sum(len(p) for p in pieces.values()) == noise
+    rebuilt = [x for t in inp for x in (pieces[t] if t in sentinels else [t])]
+    np.testing.assert_array_equal(rebuilt, np.asarray(batch['tokens'][r, :src]))
+    np.testing.assert_array_equal(np.asarray(ex['prefix'][r]), np.arange(l) < n_in)
+    w = np.asarray(ex['weights'][r])
+    assert w.sum() == noise + spans and w[n_in - 1] == 1 and w[0] == 0
+    np.testing.assert_array_equal(np.asarray(ex['targets'][r])[w > 0], out[np.flatnonzero(w) + 1])
+  _no_leak(ex)
+
+
+def test_ul2_s_denoiser_is_a_prefix_lm_after_its_mode_token():
+  b, l = 6, 16
+  batch = _stream_batch(b, l, seed=1)
+  ex = objectives.ul2(batch, jax.random.key(6), UL2_IDS, **UL2_ONLY['S'])
+  tokens = np.asarray(batch['tokens'])
+  for r in range(b):
+    np.testing.assert_array_equal(np.asarray(ex['inputs'][r]), [39 - 1] + list(tokens[r, :l - 1]))
+    prefix = np.asarray(ex['prefix'][r])
+    k = int(prefix.sum())  # mode token + the first k − 1 tokens are bidirectional
+    assert 2 <= k <= l - 1 and prefix[:k].all() and not prefix[k:].any()
+    # Scored: every suffix token (input index >= k), predicted from the index before it.
+    w = np.asarray(ex['weights'][r])
+    np.testing.assert_array_equal(w, (np.arange(l) >= k - 1) & (np.arange(l) < l - 1))
+    np.testing.assert_array_equal(np.asarray(ex['targets'][r])[:l - 1],
+                                  np.asarray(ex['inputs'][r])[1:])
+  _no_leak(ex)
+
+
+def test_ul2_mixture_rates_hold_and_mode_tokens_match_the_denoiser():
+  b, l = 1200, 24
+  batch = _stream_batch(b, l, seed=2)
+  ex = objectives.from_config(dict(name='ul2', mix_r=0.5, mix_s=0.2, mix_x=0.3,
+                                   x_mean_span=8.0))(batch, jax.random.key(7), UL2_IDS)
+  first = np.asarray(ex['inputs'][:, 0])
+  assert set(first.tolist()) <= set(UL2_IDS.modes)
+  share = [np.mean(first == m) for m in UL2_IDS.modes]
+  np.testing.assert_allclose(share, [0.5, 0.2, 0.3], atol=0.05)  # ±4.5 sd at n = 1200
+  inputs = np.asarray(ex['inputs'])
+  has_sentinel = ((inputs[:, 1:] >= 5) & (inputs[:, 1:] < 37)).any(1)
+  np.testing.assert_array_equal(has_sentinel, first != UL2_IDS.modes[1])  # S rows: none
+  _no_leak(ex, rows=60)
+  with pytest.raises(ValueError, match='mode'):
+    objectives.ul2(batch, jax.random.key(0), IDS)

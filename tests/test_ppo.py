@@ -166,6 +166,58 @@ def test_grpo_advantages_sum_to_zero_per_group():
   np.testing.assert_array_equal(lengths, [2, 2, 2, 1, 1, 1])
 
 
+@pytest.mark.parametrize('estimator', ['grpo', 'rloo', 'dr_grpo'])
+def test_identical_scores_in_a_group_give_exactly_zero_advantage(estimator):
+  """Any group size 2..8, values whose float mean leaves a residue (0.1·3, 2.9·8, ...)."""
+  fn = getattr(ppo, f'{estimator}_advantages')
+  for k in range(2, 9):
+    for v in (0.1, 0.7, 1 / 3, 2.9, 123.456, -5.3):
+      scores = np.concatenate([np.full(k, v, np.float32), np.arange(k, dtype=np.float32)])
+      adv = np.asarray(fn(scores, k, np.ones((2 * k, 3), bool)))
+      assert np.all(adv[:k] == 0), (k, v, adv[:k, 0])
+      assert np.all(adv[k:, 0] != 0) or k % 2  # the other group still has a signal
+
+
+def test_rloo_advantages_against_hand_values():
+  # Group [1, 2, 4]: 1 − (2+4)/2, 2 − (1+4)/2, 4 − (1+2)/2; group [0, 1, 0]: −½, 1, −½.
+  scores = np.array([1, 2, 4, 0, 1, 0], np.float32)
+  mask = np.array([[1, 1], [1, 0], [1, 1], [1, 1], [1, 1], [1, 0]], bool)
+  adv = np.asarray(ppo.rloo_advantages(scores, 3, mask))
+  want = np.array([-2.0, -0.5, 2.5, -0.5, 1.0, -0.5])
+  np.testing.assert_allclose(adv, np.where(mask, want[:, None], 0.0), rtol=1e-6)
+  # Pairs: each row's baseline is the other row's score.
+  np.testing.assert_allclose(ppo.rloo_advantages(np.array([3., 5.]), 2, np.ones((2, 1), bool)),
+                             [[-2.0], [2.0]])
+
+
+def test_dr_grpo_advantages_against_hand_values():
+  # Group [1, 2, 4] (mean 7/3): no division by the std; group [0, 1, 0] (mean 1/3).
+  scores = np.array([1, 2, 4, 0, 1, 0], np.float32)
+  adv = np.asarray(ppo.dr_grpo_advantages(scores, 3, np.ones((6, 2), bool)))
+  want = np.array([-4 / 3, -1 / 3, 5 / 3, -1 / 3, 2 / 3, -1 / 3])
+  np.testing.assert_allclose(adv, np.repeat(want[:, None], 2, 1), rtol=1e-6)
+
+
+def test_dr_grpo_policy_loss_is_not_length_normalised():
+  """Σ_valid −ρ·A / (rows × N) (Liu et al. 2025): a long row's tokens weigh as much per
+  token as a short row's; the default is the mean over valid tokens."""
+  logp = np.zeros((2, 4), np.float32)
+  adv = np.array([[1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 0.0, 0.0]], np.float32)
+  mask = np.array([[1, 1, 1, 1], [1, 0, 0, 0]], bool)
+  loss, _ = ppo.policy_loss(logp, logp, adv, mask, 0.2, normaliser=8.0)
+  np.testing.assert_allclose(loss, -(4 * 1.0 + 2.0) / 8)
+  loss, _ = ppo.policy_loss(logp, logp, adv, mask, 0.2)
+  np.testing.assert_allclose(loss, -(4 * 1.0 + 2.0) / 5)
+  records = ppo.ESTIMATORS
+  assert not records['dr_grpo'].length_normalised
+  assert all(records[n].length_normalised for n in ('gae', 'grpo', 'rloo'))
+  assert [n for n, e in records.items() if e.value_model] == ['gae']
+  with pytest.raises(ValueError, match='expected one of'):
+    ppo.PPOConfig(advantage='reinforce')
+  with pytest.raises(ValueError, match='groups'):
+    ppo.PPOConfig(advantage='rloo', group_size=1)
+
+
 def test_kl_estimators():
   logp = np.array([[-1.0, -2.0, -0.1], [-0.5, -3.0, -9.0]], np.float32)
   ref = np.array([[-1.5, -1.0, -0.1], [-0.7, -3.0, -1.0]], np.float32)
@@ -330,7 +382,7 @@ def run(advantage, beta, iterations, seed=0):
                              tx_value=TX)
   state = state.replace(beta=jnp.float32(beta))
   prompt, lengths = prompts(seed)
-  if advantage == 'grpo':
+  if ppo.ESTIMATORS[advantage].groups:
     prompt, lengths = ppo.repeat_prompts(prompt[:B // 4], lengths[:B // 4], 4)
   history = []
   for _ in range(iterations):
@@ -462,3 +514,25 @@ def test_huge_fixed_beta_keeps_the_grpo_policy_at_the_reference(grpo_run):
   assert free[8]['kl_k3_token'] > 4 * held[-1]['kl_k3_token'], (
       [h['kl_k3_token'] for h in free], [h['kl_k3_token'] for h in held])
   assert held[-1]['kl_loss'] < free[8]['kl_loss']
+
+
+@pytest.mark.parametrize('estimator', ['rloo', 'dr_grpo'])
+def test_rloo_and_dr_grpo_iterations_wire_their_advantages(estimator):
+  """Two iterations (the second away from the reference): the rollout's advantages are the
+  estimator's formula of its scores (RLOO: minus β·sequence k1), and the loss is finite."""
+  _, history, rollout = run(estimator, beta=0.5, iterations=2)
+  r = jax.tree.map(np.asarray, rollout)
+  mask = r.generation.valid_BxN
+  scores = toy_reward_numpy(r.generation.tokens_BxN, mask)
+  np.testing.assert_allclose(r.scores_B, scores, rtol=1e-6)
+  if estimator == 'rloo':
+    kl = np.where(mask, r.logprobs_BxN - r.ref_logprobs_BxN, 0).sum(1)
+    assert np.abs(kl).max() > 1e-4
+    g = (scores - history[-1]['beta'] * kl).reshape(-1, 4)
+    per_row = (g - (g.sum(1, keepdims=True) - g) / 3).reshape(-1)
+  else:
+    g = scores.reshape(-1, 4)
+    per_row = (g - g.mean(1, keepdims=True)).reshape(-1)
+  np.testing.assert_allclose(r.advantages_BxN, np.where(mask, per_row[:, None], 0.0),
+                             rtol=1e-4, atol=1e-5)
+  assert r.values_BxN is None and all(math.isfinite(h['policy_loss']) for h in history)
