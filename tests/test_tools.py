@@ -267,6 +267,12 @@ TINY_DOCS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _search_cache_in_tmp(tmp_path, monkeypatch):
+  """Indexes built by tests are cached under the test's tmp folder, not the home."""
+  monkeypatch.setenv("RESEARCH_CACHE", str(tmp_path / "cache"))
+
+
 def test_search_ranks_a_tiny_collection():
   index = search_lib.SearchIndex(TINY_DOCS)
   titles = lambda query, k=3: [h.title for h in index.search(query, k)]
