@@ -141,7 +141,10 @@ class SearchIndex:
 
   def scores(self, query: str) -> np.ndarray:
     """BM25 score of every passage for `query`, float64 [num_passages] (>= 0)."""
-    return np.asarray(self._bm25.get_scores(words(query)), np.float64)
+    terms = words(query)
+    if not terms:  # bm25s fails on an empty query; no word matches nothing
+      return np.zeros(len(self.passages), np.float64)
+    return np.asarray(self._bm25.get_scores(terms), np.float64)
 
   def search(self, query: str, k: int = 3, snippet_chars: int = 300) -> list[Hit]:
     """The `k` best passages with a positive score, best first (ties: earlier first)."""
