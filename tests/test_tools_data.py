@@ -184,3 +184,40 @@ def test_sft_loads_the_tool_sources(tmp_path, monkeypatch):
   assert train["calculator"][0][1]["tool_calls"][0]["name"] == "calculator"
   assert len(train["search"]) + len(held["search"]) == 10
   assert problems["word_problems"]
+
+
+def test_search_index_is_cached_on_disk_by_fingerprint(tmp_path):
+  first = search_lib.SearchIndex(DOCS, cache_dir=tmp_path)
+  again = search_lib.SearchIndex(DOCS, cache_dir=tmp_path)
+  assert (first.from_cache, again.from_cache) == (False, True)
+  assert again.fingerprint == first.fingerprint
+  for query in ("moon landing", "bread flour", "trains evening"):
+    np.testing.assert_allclose(again.scores(query), first.scores(query), rtol=1e-6)
+  assert len(list(tmp_path.iterdir())) == 1
+  changed = search_lib.SearchIndex(DOCS[:2] + [("Trains", "Buses now.")], cache_dir=tmp_path)
+  assert not changed.from_cache and changed.fingerprint != first.fingerprint
+  assert len(list(tmp_path.iterdir())) == 2  # a changed corpus never reads a stale index
+
+
+def test_corpus_documents_from_files(tmp_path):
+  (tmp_path / "a.txt").write_text("Alpha text.")
+  (tmp_path / "b.txt").write_text("Beta text.")
+  assert search_lib.corpus_documents(str(tmp_path)) == [("a", "Alpha text."), ("b", "Beta text.")]
+  assert search_lib.corpus_documents(str(tmp_path / "a.txt")) == [("a", "Alpha text.")]
+  good = tmp_path / "c.jsonl"
+  good.write_text('{"title": "T", "text": "body"}\n\n{"text": "untitled"}\n')
+  assert search_lib.corpus_documents(str(good)) == [("T", "body"), ("c 3", "untitled")]
+  bad = tmp_path / "d.jsonl"
+  bad.write_text('{"title": "T", "text": "body"}\n{"title": "no text"}\n')
+  with pytest.raises(ValueError, match=r"d.jsonl:2: expected an object with a string 'text'"):
+    search_lib.corpus_documents(str(bad))
+  with pytest.raises(ValueError, match="no such file"):
+    search_lib.corpus_documents(str(tmp_path / "missing"))
+
+
+def test_sft_names_a_bad_search_corpus(tmp_path):
+  config = sft_config.get_config("test")
+  config.data.weights.search = 1.0
+  config.data.search_corpus = str(tmp_path / "missing.jsonl")
+  with pytest.raises(common.UserError, match=r"^data.search_corpus=.*missing.jsonl: .*no such"):
+    sft.load_sources(config.to_dict())

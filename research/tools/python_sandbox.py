@@ -108,9 +108,20 @@ def _private_tmp(libc) -> bool:
   return done
 
 
+def _libc():
+  """libc through ctypes, loaded in the parent: dlopen in the forked child of a threaded
+  host could deadlock on a lock another thread held at fork time."""
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc if hasattr(libc, "unshare") and hasattr(libc, "mount") else None
+  except OSError:
+    return None
+
+
 def _limits(cpu_s: int, memory_bytes: int, output_bytes: int, max_processes: int,
             isolate: bool, uid: int | None, report_fd: int):
   """The preexec_fn: runs in the forked child, after chdir, before exec."""
+  libc = _libc() if isolate else None
   def apply():
     os.setsid()
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # inherited by exec: writes fail instead
@@ -121,14 +132,13 @@ def _limits(cpu_s: int, memory_bytes: int, output_bytes: int, max_processes: int
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     report = b""
-    if isolate:
+    if isolate and libc is not None:
       try:
-        libc = ctypes.CDLL(None, use_errno=True)
         if _unshare(libc, _CLONE_NEWNET | _CLONE_NEWNS):
           report += b"n" + (b"m" if _private_tmp(libc) else b"")
         elif _unshare(libc, _CLONE_NEWNET):
           report += b"n"
-      except (OSError, AttributeError):
+      except OSError:
         pass
     if uid is not None:  # last: unshare and mount need root
       os.setgroups([])
