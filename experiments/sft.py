@@ -107,6 +107,8 @@ def load_sources(config: dict) -> tuple[dict, dict, dict]:
     except ValueError as e:
       raise common.UserError(f'data.search_corpus={dc["search_corpus"]}: {e}') from None
     train['search'], held['search'] = _split(convs, dc['validation_fraction'], seed)
+    if config['eval']['tools']:
+      problems['search'] = held['search']
   missing = [k for k in weights if k not in train]
   if missing:
     common.log(f'sources with weight but no data here (skipped): {missing}')

@@ -132,7 +132,7 @@ def test_call_metrics_on_constructed_calls():
   m = tool_eval.call_metrics(calls, TOOLS)
   assert (m["calls"], m["valid"], m["invalid"], m["tool_errors"], m["capped"]) == (8, 3, 4, 1, 1)
   assert m["validity_rate"] == pytest.approx(3 / 7)
-  assert m["tool_errors_per_100"] == pytest.approx(100 / 3)
+  assert m["tool_errors_per_100"] == pytest.approx(100 / 8)
   assert m["by_tool"] == {"calculator": 3}
   lo, hi = m["validity_interval"]
   assert lo < 3 / 7 < hi
@@ -157,12 +157,17 @@ def test_report_lines_put_both_accuracies_side_by_side():
                 "gsm8k": dict(summary(1, 5), calls_per_problem=2.0),
                 "calls": tool_eval.call_metrics(_calls(['{"name": "calculator", "arguments": '
                                                         '{"expression": "1+1"}}']), TOOLS),
+                "search": dict(summary(2, 4), without=summary(0, 4), calls_per_problem=1.0),
                 "calls_per_problem": 1.8, "example_calls": []}
   text = "\n".join(tool_eval.report_lines(without, with_tools))
   assert "| synthetic, k = 1 | 0.25 [0.10, 0.90] (1/4) | 0.75 [0.10, 0.90] (3/4) | 1.50 |" in text
   assert "| GSM8K test (first 5) | 0.00 [0.10, 0.90] (0/5) | 0.20 [0.10, 0.90] (1/5) | 2.00 |" in text
+  assert ("| search questions (source named; held out, 4) | 0.00 [0.10, 0.90] (0/4) | "
+          "0.50 [0.10, 0.90] (2/4) | 1.00 |") in text
+  assert tool_eval.source_named("It is from Lincoln, 1862.", "Lincoln, 1862")
+  assert not tool_eval.source_named("It is from Lincoln, 1863.", "Lincoln, 1862")
   assert "valid (parses, names a real tool, arguments pass its schema): 1/1 = 1.00" in text
-  assert "tool errors: 0.0 per 100 valid calls" in text
+  assert "tool errors (a valid call the tool failed): 0.0 per 100 calls" in text
 
 
 def test_sft_loads_the_tool_sources(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ import numpy as np
 from research import chat
 from research import conversations as conv_lib
 from research import evaluation
+from research import sampling
 from research.tools import registry
 from research.tools import runtime
 from research.tools import schema as schema_lib
@@ -56,7 +57,8 @@ def call_metrics(calls: Sequence[registry.CallResult],
   Returns:
     dict(calls, valid, invalid, tool_errors, capped, validity_rate (valid / (valid +
     invalid), NaN with none), validity_interval (95 % Wilson), tool_errors_per_100
-    (tool errors per 100 valid calls, NaN with none), by_tool {name: valid calls}).
+    (valid calls the tool failed, per 100 calls of any kind; NaN with none),
+    by_tool {name: valid calls}).
   """
   status = [call_status(c, tools) for c in calls]
   counts = collections.Counter(status)
@@ -67,7 +69,8 @@ def call_metrics(calls: Sequence[registry.CallResult],
               tool_errors=counts["tool_error"], capped=counts["capped"],
               validity_rate=valid / judged if judged else float("nan"),
               validity_interval=evaluation.wilson_interval(valid, judged),
-              tool_errors_per_100=100.0 * counts["tool_error"] / valid if valid else float("nan"),
+              tool_errors_per_100=(100.0 * counts["tool_error"] / len(calls) if calls
+                                   else float("nan")),
               by_tool=dict(sorted(by_tool.items())))
 
 
@@ -83,8 +86,19 @@ def final_answer_text(tokenizer, tokens: Sequence[int], sampled: np.ndarray) -> 
   return tokenizer.decode([t for t in tokens[start:] if t != eot])
 
 
+def number_matches(text: str, gold: str) -> bool:
+  """The answer's `final_number` is `gold` (exact match of the normalised number)."""
+  return conv_lib.final_number(text) == str(gold)
+
+
+def source_named(text: str, gold: str) -> bool:
+  """The answer names the source `gold` ("Lincoln, 1862") verbatim."""
+  return str(gold) in text
+
+
 def with_tools_accuracy(params, cfg, tokenizer, items, tools: Mapping[str, registry.Tool], *,
-                        max_new_tokens: int, batch_size: int, max_calls: int = 6
+                        max_new_tokens: int, batch_size: int, max_calls: int = 6,
+                        score=number_matches
                         ) -> tuple[list[bool], list[list[registry.CallResult]]]:
   """Greedy replies with live tools to (question conversation, gold answer) items.
 
@@ -94,9 +108,10 @@ def with_tools_accuracy(params, cfg, tokenizer, items, tools: Mapping[str, regis
     max_new_tokens: sampled tokens per reply (injected results not counted).
     batch_size: rows decoded together.
     max_calls: calls per reply.
+    score: score(answer text after the last tool result, gold) -> bool.
 
   Returns:
-    (exact match of `final_number` of the answer text per item, the calls of each item).
+    (score per item, the calls of each item).
   """
   prompts = [chat.render(tokenizer, conv, add_generation_prompt=True).ids.tolist()
              for conv, _ in items]
@@ -104,10 +119,10 @@ def with_tools_accuracy(params, cfg, tokenizer, items, tools: Mapping[str, regis
   for lo in range(0, len(prompts), batch_size):
     out = runtime.generate_with_tools(params, cfg, tokenizer, prompts[lo:lo + batch_size],
                                       tools, max_new_tokens=max_new_tokens,
-                                      max_calls=max_calls, max_result_tokens=64)
+                                      max_calls=max_calls)
     for r, (_, gold) in enumerate(items[lo:lo + batch_size]):
       text = final_answer_text(tokenizer, out.tokens[r], out.sampled[r])
-      correct.append(conv_lib.final_number(text) == str(gold))
+      correct.append(bool(score(text, gold)))
       calls.append(out.calls[r])
   return correct, calls
 
@@ -124,11 +139,13 @@ def evaluate_tools(params, cfg, tokenizer, problems: dict, tools: Mapping[str, r
 
   Args:
     problems: as `experiments/sft.load_sources` returns: 'word_problems' (a list of
-      `conversations.Problem`) and/or 'gsm8k' (a list of `conversations.Example`).
+      `conversations.Problem`), 'gsm8k' (a list of `conversations.Example`), 'search'
+      (held-out `data.search_questions` conversations; the answer must name the source).
 
   Returns:
-    dict(word_problems_by_k={k: accuracy summary}, gsm8k=summary, calls=call_metrics of
-    every call, calls_per_problem=mean calls per reply), keys present as data allows.
+    dict(word_problems_by_k={k: accuracy summary}, gsm8k=summary, search=summary with
+    `without` (plain decoding) inside, calls=call_metrics of every call,
+    calls_per_problem=mean calls per reply), keys present as data allows.
   """
   out, every = {}, []
   n_replies = 0
@@ -152,6 +169,20 @@ def evaluate_tools(params, cfg, tokenizer, problems: dict, tools: Mapping[str, r
                                          max_new_tokens=max_new_tokens, batch_size=batch_size)
     out["gsm8k"] = dict(_summary(correct), calls_per_problem=float(np.mean(
         [len(cs) for cs in calls])))
+    every += [c for cs in calls for c in cs]
+    n_replies += len(items)
+  if problems.get("search"):  # held-out search conversations: the source is the gold
+    items = [(conv[:1], conv[-1]["content"][len("It is from "):-1])  # "It is from T."
+             for conv in problems["search"]]
+    correct, calls = with_tools_accuracy(params, cfg, tokenizer, items, tools,
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                         score=source_named)
+    prompts = [chat.render(tokenizer, c, add_generation_prompt=True).ids for c, _ in items]
+    replies = sampling.complete(params, cfg, prompts, max_new_tokens=max_new_tokens,
+                                eos_id=chat.EOT, batch_size=batch_size)
+    plain = [source_named(tokenizer.decode(r), gold) for r, (_, gold) in zip(replies, items)]
+    out["search"] = dict(_summary(correct), without=_summary(plain), calls_per_problem=float(
+        np.mean([len(cs) for cs in calls])))
     every += [c for cs in calls for c in cs]
     n_replies += len(items)
   out["calls"] = call_metrics(every, tools)
@@ -191,13 +222,17 @@ def report_lines(without: dict, with_tools: dict) -> list[str]:
     g = with_tools['gsm8k']
     lines.append(f'| GSM8K test (first {g["total"]}) | {_cell(without.get("gsm8k"))} | '
                  f'{_cell(g)} | {g["calls_per_problem"]:.2f} |')
+  if 'search' in with_tools:
+    s = with_tools['search']
+    lines.append(f'| search questions (source named; held out, {s["total"]}) | '
+                 f'{_cell(s["without"])} | {_cell(s)} | {s["calls_per_problem"]:.2f} |')
   m = with_tools['calls']
   lo, hi = m['validity_interval']
   lines += ['', f'Calls: {m["calls"]} in all ({with_tools["calls_per_problem"]:.2f} per '
             f'problem); valid (parses, names a real tool, arguments pass its schema): '
             f'{m["valid"]}/{m["valid"] + m["invalid"]} = {m["validity_rate"]:.2f} '
-            f'[{lo:.2f}, {hi:.2f}]; tool errors: {m["tool_errors_per_100"]:.1f} per 100 valid '
-            f'calls; refused over the per-reply cap: {m["capped"]}; valid calls by tool: '
+            f'[{lo:.2f}, {hi:.2f}]; tool errors (a valid call the tool failed): '
+            f'{m["tool_errors_per_100"]:.1f} per 100 calls; refused over the per-reply cap: {m["capped"]}; valid calls by tool: '
             f'{m["by_tool"] or "none"}.']
   for c in with_tools.get('example_calls', [])[:3]:
     result = " ".join(str(c["result"]).split())[:80].replace("`", "'")
