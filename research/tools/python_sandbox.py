@@ -5,8 +5,9 @@ Each call:
 
 - writes the code to `main.py` in a fresh, otherwise empty temporary directory (the
   child's working directory, removed afterwards with everything in it) and runs
-  `python -I -S -` with that file as stdin: isolated mode (no PYTHON* variables, no user site, script
-  directory not on sys.path) and no site-packages, so only the standard library;
+  `python -I -S -` with that file as stdin: isolated mode (no PYTHON* variables, no
+  user site, script directory not on sys.path) and no site-packages, so only the
+  standard library;
   the environment is PATH and LANG only (no host variables);
 - in the child, before exec (`preexec_fn`): a new session (the whole process group is
   killed afterwards), and `resource.setrlimit` limits: CPU seconds (SIGXCPU), address
