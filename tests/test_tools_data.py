@@ -161,7 +161,8 @@ def test_report_lines_put_both_accuracies_side_by_side():
                 "calls_per_problem": 1.8, "example_calls": []}
   text = "\n".join(tool_eval.report_lines(without, with_tools))
   assert "| synthetic, k = 1 | 0.25 [0.10, 0.90] (1/4) | 0.75 [0.10, 0.90] (3/4) | 1.50 |" in text
-  assert "| GSM8K test (first 5) | 0.00 [0.10, 0.90] (0/5) | 0.20 [0.10, 0.90] (1/5) | 2.00 |" in text
+  assert ("| GSM8K test (first 5) | 0.00 [0.10, 0.90] (0/5) | 0.20 [0.10, 0.90] (1/5) | "
+          "2.00 |") in text
   assert ("| search questions (source named; held out, 4) | 0.00 [0.10, 0.90] (0/4) | "
           "0.50 [0.10, 0.90] (2/4) | 1.00 |") in text
   assert tool_eval.source_named("It is from Lincoln, 1862.", "Lincoln, 1862")

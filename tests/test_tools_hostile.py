@@ -190,7 +190,8 @@ def test_python_is_stopped(tools, code, error):
 
 
 def test_python_fork_bomb_is_bounded(tools, isolation):
-  code = "import os\nn = 0\nwhile True:\n  try:\n    os.fork()\n    n += 1\n  except OSError:\n    break"
+  code = ("import os\nn = 0\nwhile True:\n  try:\n    os.fork()\n    n += 1\n"
+          "  except OSError:\n    break")
   if "uid" not in isolation and os.geteuid() == 0:
     pytest.skip("as root without a uid switch RLIMIT_NPROC does not apply: not run")
   r = python_sandbox.run_python(code, timeout_s=1, max_processes=8)

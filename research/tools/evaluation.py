@@ -232,7 +232,8 @@ def report_lines(without: dict, with_tools: dict) -> list[str]:
             f'problem); valid (parses, names a real tool, arguments pass its schema): '
             f'{m["valid"]}/{m["valid"] + m["invalid"]} = {m["validity_rate"]:.2f} '
             f'[{lo:.2f}, {hi:.2f}]; tool errors (a valid call the tool failed): '
-            f'{m["tool_errors_per_100"]:.1f} per 100 calls; refused over the per-reply cap: {m["capped"]}; valid calls by tool: '
+            f'{m["tool_errors_per_100"]:.1f} per 100 calls; refused over the per-reply cap: '
+            f'{m["capped"]}; valid calls by tool: '
             f'{m["by_tool"] or "none"}.']
   for c in with_tools.get('example_calls', [])[:3]:
     result = " ".join(str(c["result"]).split())[:80].replace("`", "'")
