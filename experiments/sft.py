@@ -30,6 +30,10 @@ from research import evaluation
 from research import model as model_lib
 from research import objectives as objectives_lib
 from research import sampling
+from research.tools import data as tools_data
+from research.tools import evaluation as tools_eval
+from research.tools import registry as tools_registry
+from research.tools import search as search_lib
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 
@@ -53,7 +57,7 @@ def load_sources(config: dict) -> tuple[dict, dict, dict]:
   weights = {k: v for k, v in dc['weights'].items() if v > 0}
   train, held, problems = {}, {}, {}
   wp = dc['word_problems']
-  if 'word_problems' in weights or config['eval']['word_problems_per_k']:
+  if {'word_problems', 'calculator'} & set(weights) or config['eval']['word_problems_per_k']:
     # Stratified by k: the same number of train and of test problems for every k.
     ks = range(wp['min_steps'], wp['max_steps'] + 1)
     per_k = config['eval']['word_problems_per_k']
@@ -69,6 +73,9 @@ def load_sources(config: dict) -> tuple[dict, dict, dict]:
                                 for p in train_p]
       held['word_problems'] = [conv_lib.word_problem_conversation(p, wp['format'])
                                for p in test_p]
+    if 'calculator' in weights:  # the same problems, each step handed to the calculator
+      train['calculator'] = [tools_data.calculator_conversation(p) for p in train_p]
+      held['calculator'] = [tools_data.calculator_conversation(p) for p in test_p]
   if 'chatterbot' in weights:
     train['chatterbot'], held['chatterbot'] = _split(conv_lib.chatterbot(),
                                                      dc['validation_fraction'], seed)
@@ -78,6 +85,10 @@ def load_sources(config: dict) -> tuple[dict, dict, dict]:
       gsm_train = conv_lib.gsm8k(gsm_dir, 'train')
       train['gsm8k'], held['gsm8k'] = _split([e.conversation for e in gsm_train],
                                              dc['validation_fraction'], seed)
+    if 'gsm8k_tools' in weights:  # <<a*b=c>> annotations as calculator calls
+      gsm_tools = tools_data.gsm8k_tool_examples(gsm_dir, 'train')
+      train['gsm8k_tools'], held['gsm8k_tools'] = _split(
+          [e.conversation for e in gsm_tools], dc['validation_fraction'], seed)
     if config['eval']['gsm8k']:
       problems['gsm8k'] = conv_lib.gsm8k(gsm_dir, 'test')[:config['eval']['gsm8k']]
   elif dc['gsm8k_dir']:
@@ -89,6 +100,15 @@ def load_sources(config: dict) -> tuple[dict, dict, dict]:
     for p in problems_found:
       common.log(f'skipped: {p}')
     train['jsonl'], held['jsonl'] = _split(convs, dc['validation_fraction'], seed)
+  if 'search' in weights:
+    try:
+      index = search_lib.corpus_index(dc['search_corpus'])
+      convs = tools_data.search_questions(index, dc['search_questions'], seed=seed)
+    except ValueError as e:
+      raise common.UserError(f'data.search_corpus={dc["search_corpus"]}: {e}') from None
+    train['search'], held['search'] = _split(convs, dc['validation_fraction'], seed)
+    if config['eval']['tools']:
+      problems['search'] = held['search']
   missing = [k for k in weights if k not in train]
   if missing:
     common.log(f'sources with weight but no data here (skipped): {missing}')
@@ -172,6 +192,11 @@ def evaluate(params, cfg, tokenizer, config, held, problems) -> dict:
     out['gsm8k'] = dict(correct=int(sum(correct)), total=len(correct),
                         accuracy=float(np.mean(correct)),
                         interval=evaluation.wilson_interval(int(sum(correct)), len(correct)))
+  if ec['tools']:
+    tools = tools_registry.default_tools(search_lib.corpus_index(config['data']['search_corpus']))
+    out['tools'] = tools_eval.evaluate_tools(params, cfg, tokenizer, problems, tools,
+                                             max_new_tokens=ec['tools_max_new_tokens'],
+                                             batch_size=ec['batch_size'])
   prompts = [chat.render(tokenizer, [{'role': 'user', 'content': q}],
                          add_generation_prompt=True).ids for q in ec['chat_prompts']]
   replies = sampling.complete(params, cfg, prompts, max_new_tokens=ec['max_new_tokens'],
@@ -261,6 +286,8 @@ def report(main: dict, twin: dict | None, config: dict) -> str:
     lines += ['', f'GSM8K test, first {g["total"]} problems, greedy: exact match '
               f'{g["accuracy"]:.3f} [{lo:.3f}, {hi:.3f}] ({g["correct"]}/{g["total"]}). A model '
               'of a few million parameters is expected near zero here.']
+  if 'tools' in main['eval']:
+    lines += tools_eval.report_lines(main['eval'], main['eval']['tools'])
   lines += ['', '## Chat samples (greedy)', '']
   for turn in main['eval']['chat']:
     lines += [f'> user: {turn["user"]}', '>', f'> assistant: {turn["assistant"]}', '']

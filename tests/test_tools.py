@@ -267,6 +267,12 @@ TINY_DOCS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _search_cache_in_tmp(tmp_path, monkeypatch):
+  """Indexes built by tests are cached under the test's tmp folder, not the home."""
+  monkeypatch.setenv("RESEARCH_CACHE", str(tmp_path / "cache"))
+
+
 def test_search_ranks_a_tiny_collection():
   index = search_lib.SearchIndex(TINY_DOCS)
   titles = lambda query, k=3: [h.title for h in index.search(query, k)]
@@ -580,3 +586,56 @@ def test_calculator_conversations_render_and_parse(tok):
     for end, result in zip(ends, results):
       next_header = headers[headers > end][0]
       assert ids[end + 1:next_header + 1].tolist() == runtime.result_block(tok, result, 10**6)
+
+
+def test_two_calls_in_one_answer_match_a_hand_written_transcript(tok, params):
+  """A scripted reply calls the calculator twice, then answers: the whole context parses
+  to the expected messages, nothing is fed twice, and every sampled token's log-prob is
+  the uncached forward's over the context with the results spliced in."""
+  prompts = prompts_of(tok)[:1]
+  answer = tok.encode_text("The answer is 20") + [EOT]
+  plan = (call_ids(tok, "calculator", {"expression": "2 + 3"})
+          + call_ids(tok, "calculator", {"expression": "5 * 4"}) + answer)
+  tools = {"calculator": registry.default_tools()["calculator"]}
+  out = runtime.generate_with_tools(params, CFG, tok, prompts, tools,
+                                    max_new_tokens=len(plan) + 8,
+                                    force=Script([plan]), max_result_tokens=RESULT_TOKENS,
+                                    cache_len=CACHE_LEN)
+  assert out.finish == ["eos"]
+  full = prompts[0] + out.tokens[0]
+  assert chat.parse(tok, full) == [
+      {"role": "user", "content": "what is 2 + 3 ?"},
+      {"role": "assistant", "content": "", "tool_calls": [
+          {"name": "calculator", "arguments": {"expression": "2 + 3"}}]},
+      {"role": "tool", "content": "5"},
+      {"role": "assistant", "content": "", "tool_calls": [
+          {"name": "calculator", "arguments": {"expression": "5 * 4"}}]},
+      {"role": "tool", "content": "20"},
+      {"role": "assistant", "content": "The answer is 20"},
+  ]
+  blocks = [runtime.result_block(tok, r, RESULT_TOKENS) for r in ("5", "20")]
+  assert out.injected[0] == sum(map(len, blocks))
+  assert out.fed[0] == len(full) - 1  # prompt, tokens and blocks each written once
+  assert out.sampled[0].sum() == len(plan)
+  logp = np.asarray(full_logprobs(params, np.asarray([full], np.int32),
+                                  np.asarray([len(full)]), cfg=CFG))[0]
+  at = len(prompts[0]) + np.flatnonzero(out.sampled[0])
+  np.testing.assert_allclose(out.logprobs[0][at - len(prompts[0])],
+                             logp[at - 1, np.asarray(full)[at]], atol=2e-5)
+
+
+def test_a_batch_where_some_rows_call_decodes_as_each_row_alone(tok, params):
+  prompts = prompts_of(tok)
+  plans = [call_ids(tok, "calculator", {"expression": "6 * 7"}), [],
+           [None] * 5 + call_ids(tok, "calculator", {"expression": "1 + 1"})]
+  tools = {"calculator": registry.default_tools()["calculator"]}
+  kwargs = dict(max_new_tokens=max(map(len, plans)) + 10, eos_id=-1, max_result_tokens=RESULT_TOKENS,
+                cache_len=CACHE_LEN)
+  together = runtime.generate_with_tools(params, CFG, tok, prompts, tools,
+                                         force=Script(plans), **kwargs)
+  assert [len(c) for c in together.calls] == [1, 0, 1]
+  for r in range(3):
+    alone = runtime.generate_with_tools(params, CFG, tok, prompts[r:r + 1], tools,
+                                        force=Script(plans[r:r + 1]), **kwargs)
+    assert alone.tokens[0] == together.tokens[r]
+    assert [c.result for c in alone.calls[0]] == [c.result for c in together.calls[r]]
