@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from experiments import common
 from experiments import loop as loop_lib
+from experiments import sft_report
 from research import chat
 from research import checkpoint as checkpoint_lib
 from research import conversations as conv_lib
@@ -252,48 +253,6 @@ def finetune(config, workdir, init_workdir) -> dict:
   return result
 
 
-def report(main: dict, twin: dict | None, config: dict) -> str:
-  lines = ['# Supervised fine-tuning', '',
-           f'- init: `{config["init"]}`; {main["train"]["step"]} steps, batch '
-           f'{config["data"]["batch_size"]} × {config["data"]["seq_len"]} tokens; '
-           f'{main["minutes"]:.1f} min' + (f' (+ {twin["minutes"]:.1f} min for the twin)'
-                                           if twin else ''),
-           f'- packing: {main["packing"]}', '',
-           '## Held-out loss on assistant tokens (nats/token)', '',
-           '| source | ' + main['format'] + (' | ' + twin['format'] if twin else '') + ' |',
-           '|---|---|' + ('---|' if twin else '')]
-  for source, loss in main['eval']['heldout_assistant_loss'].items():
-    extra = f' {twin["eval"]["heldout_assistant_loss"].get(source, float("nan")):.3f} |' \
-        if twin else ''
-    lines.append(f'| {source} | {loss:.3f} |{extra}')
-  if 'word_problems_by_k' in main['eval']:
-    lines += ['', '## Synthetic word problems: exact match of the final number (greedy)', '',
-              'k = number of arithmetic steps; 95 % Wilson intervals; "most common answer" is '
-              'the accuracy of always giving the test set\'s most frequent answer for that k.',
-              '',
-              '| k | ' + main['format'] + (' | ' + twin['format'] if twin else '') +
-              ' | most common answer |',
-              '|---|---|' + ('---|' if twin else '') + '---|']
-    def cell(r):
-      lo, hi = r['interval']
-      return f'{r["accuracy"]:.2f} [{lo:.2f}, {hi:.2f}] ({r["correct"]}/{r["total"]})'
-    for k, r in main['eval']['word_problems_by_k'].items():
-      extra = f' {cell(twin["eval"]["word_problems_by_k"][k])} |' if twin else ''
-      lines.append(f'| {k} | {cell(r)} |{extra} {r.get("majority_answer", float("nan")):.2f} |')
-  if 'gsm8k' in main['eval']:
-    g = main['eval']['gsm8k']
-    lo, hi = g['interval']
-    lines += ['', f'GSM8K test, first {g["total"]} problems, greedy: exact match '
-              f'{g["accuracy"]:.3f} [{lo:.3f}, {hi:.3f}] ({g["correct"]}/{g["total"]}). A model '
-              'of a few million parameters is expected near zero here.']
-  if 'tools' in main['eval']:
-    lines += tools_eval.report_lines(main['eval'], main['eval']['tools'])
-  lines += ['', '## Chat samples (greedy)', '']
-  for turn in main['eval']['chat']:
-    lines += [f'> user: {turn["user"]}', '>', f'> assistant: {turn["assistant"]}', '']
-  return '\n'.join(lines) + '\n'
-
-
 def main(config, workdir):
   common.maybe_initialize_distributed()
   init = config.init
@@ -318,10 +277,8 @@ def main(config, workdir):
       common.log(f'stopped early at step {twin["train"]["step"]}: run again to resume')
       return
     # The twin's workdir is inside the main one; nothing else reads it as a stage.
-  text = report(result, twin, dict(config.to_dict(), init=str(init)))
   if jax.process_index() == 0:
-    (workdir / 'report.md').write_text(text)
-  common.log('\n' + text)
+    common.log('\n' + sft_report.write(workdir))
 
 
 if __name__ == '__main__':

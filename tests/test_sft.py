@@ -13,6 +13,7 @@ from experiments import chat as chat_cli
 from experiments import common
 from experiments import loop as loop_lib
 from experiments import sft
+from experiments import sft_report
 from research import checkpoint as checkpoint_lib
 from research import model as model_lib
 from research import objectives
@@ -68,6 +69,10 @@ def test_sft_lowers_heldout_assistant_loss_and_resumes(pretrained, tmp_path):
   assert after < before - 0.5, (before, after)
   assert set(result['eval']['word_problems_by_k']) == {1, 2, 3, 4}
   assert result['packing']['packed'] > 0
+  # report.md is rebuilt from the run's files alone.
+  sft_report.write(tmp_path / 'sft')
+  text = (tmp_path / 'sft' / 'report.md').read_text()
+  assert 'Held-out loss on assistant tokens' in text and '| word_problems |' in text
   # The workdir is a stage: params, config and tokenizer load back.
   params, saved, tok2 = checkpoint_lib.load_stage(tmp_path / 'sft')
   assert saved['init'] == str(init) and tok2.fingerprint == tok.fingerprint
