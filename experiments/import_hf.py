@@ -34,7 +34,8 @@ from research import hf
 from research import model as model_lib
 from research import tokenizer as tokenizer_lib
 
-_MODEL = flags.DEFINE_string('model', None, 'A local transformers checkpoint directory.')
+_MODEL = flags.DEFINE_string('hf', None, 'A local transformers checkpoint directory.')
+flags.DEFINE_alias('model', 'hf')
 _TOKENIZER = flags.DEFINE_string(
     'tokenizer', None, "A tokenizer.model of ours (or a run folder holding one), when the "
     "checkpoint has none with this codebase's reserved ids.")

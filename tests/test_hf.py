@@ -109,10 +109,10 @@ def test_greedy_generate_equals_our_sampler(ours, exported):
   for text in ('The nation', 'Congress and the people of the'):
     prompt = np.asarray([tokenizer.encode(text)], np.int32)
     mine = sampling.generate(params, prompt, np.asarray([prompt.shape[1]]), jax.random.key(0),
-                             cfg=cfg, max_new_tokens=16, eos_id=tokenizer.eos_id,
+                             cfg=cfg, max_new_tokens=32, eos_id=tokenizer.eos_id,
                              temperature=0.0)
     mine = np.asarray(mine.tokens_BxN)[0, :int(mine.lengths_B[0])].tolist()
-    theirs = model.generate(torch.tensor(prompt), max_new_tokens=16, do_sample=False,
+    theirs = model.generate(torch.tensor(prompt), max_new_tokens=32, do_sample=False,
                             eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     assert theirs[0, prompt.shape[1]:].tolist() == mine, text
 
@@ -123,6 +123,11 @@ STRINGS = [
     '<|user|>hi<|end_of_turn|><|assistant|>', '<mask> and <extra_id_0><extra_id_99>',
     '<s>literal</s> <pad> <unk>', '<|user', '<extra_id_100>', '\x00 control \x7f', 'x' * 300,
 ]
+# And 86 more, seeded: words, unicode, whitespace runs and literal special-token text mixed.
+_PIECES = ('the', 'Nation', 'über', 'naïve', '日本', '🎉', '  ', '\n', '\t', '42', '3.5', '<mask>',
+           '<|user|>', '<extra_id_7>', '</s>', '—', '"', "'", '(', ')', 'ß', 'Ωmega', '\u00a0')
+STRINGS += [''.join(np.random.default_rng(i).choice(_PIECES, 1 + i % 9).tolist())
+            for i in range(86)]
 
 
 def test_tokenizer_encodes_and_decodes_as_ours(ours, exported):
@@ -169,7 +174,7 @@ def _snapshot(root):
 
 
 def test_export_then_import_gives_bitwise_equal_params(pretrained, exported, tmp_path):
-  result = run('experiments.import_hf', f'--model={exported}', f'--workdir={tmp_path / "back"}')
+  result = run('experiments.import_hf', f'--hf={exported}', f'--workdir={tmp_path / "back"}')
   assert result.returncode == 0, result.stderr[-3000:]
   params, config, tokenizer = checkpoint_lib.load_stage(pretrained)
   back_params, back_config, back_tokenizer = checkpoint_lib.load_stage(tmp_path / 'back')
