@@ -250,6 +250,18 @@ class ResearchLM(TemplateLM):
         out[i] = (float(lp[r, end - n:end].sum()), bool(greedy[r, end - n:end].all()))
     return out
 
+  def loglikelihood_texts(self, pairs) -> list[tuple[float, bool]]:
+    """`loglikelihood` without Instances: (context, continuation) text pairs ->
+    (log p(continuation | context) in nats, greedy) each; the harness's tokenisation."""
+    pairs = [(c, x) for c, x in pairs]
+    encoded = []
+    for context, continuation in pairs:
+      if context:
+        encoded.append(self._encode_pair(context, continuation))
+      else:
+        encoded.append(([self.prefix_token_id], self.tok_encode(continuation)))
+    return self.score_tokens(encoded)
+
   def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
     del disable_tqdm, kwargs
     results = self.score_tokens([(ctx, cont) for _, ctx, cont in requests])
