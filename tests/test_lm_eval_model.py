@@ -166,3 +166,36 @@ def test_local_task_runs_end_to_end(lm, tmp_path, monkeypatch):
   assert context == 'The nation' and continuation.endswith(' will work for peace.')
   direct = lm.loglikelihood(requests('loglikelihood', [(context, continuation)]))
   np.testing.assert_allclose(float(doc0['resps'][0][0][0]), direct[0][0], atol=1e-5)
+
+
+def test_evaluate_tables_have_intervals_and_chance():
+  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  samples = [dict(acc=float(i < 6), arguments=[('q', ' a')] * (2 if i % 2 else 4),
+                  filter='none', target=0) for i in range(10)]
+  gen = [dict(exact_match=float(i < 3), filter='strict', target=str(i % 3 == 0),
+              arguments=[('q', {})]) for i in range(8)]
+  results = dict(results={'mc': {'acc,none': 0.6, 'acc_stderr,none': 0.16},
+                          'gen': {'exact_match,strict': 0.375},
+                          'group': {'acc,none': 0.5}},
+                 samples={'mc': samples, 'gen': gen},
+                 configs={'mc': dict(output_type='multiple_choice'),
+                          'gen': dict(output_type='generate_until')})
+  rows = {r['task']: r for r in evaluate.score_rows(results)}
+  assert set(rows) == {'mc', 'gen'}  # a group's aggregate has no samples of its own
+  assert rows['mc']['n'] == 10 and rows['mc']['interval'] == 'wilson'
+  assert (rows['mc']['lo'], rows['mc']['hi']) == pytest.approx(evaluation.wilson_interval(6, 10))
+  assert rows['mc']['chance'] == pytest.approx((5 * 0.5 + 5 * 0.25) / 10)
+  assert rows['gen']['chance'] == pytest.approx(5 / 8)  # 'False' is the common target
+  table = evaluate.comparison_table({'pre': list(rows.values()), 'sft': [rows['mc']]})
+  assert '| mc | acc | 0.375 | 0.600 [' in table and '| —' in table
+
+
+def test_evaluate_rejects_a_bad_workdir_before_writing(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  out = subprocess.run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={tmp_path}',
+                        f'--out={tmp_path / "eval"}'], cwd=pathlib.Path(__file__).parents[1],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert 'config.json' in out.stderr and len(out.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / 'eval').exists()
