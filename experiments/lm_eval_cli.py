@@ -1,7 +1,7 @@
 """lm-eval's own command line, with our model registered: every harness flag works.
 
   python -m experiments.lm_eval_cli run --model research \
-      --model_args workdir=runs/sft,batch_size=16 --include_path evals/tasks \
+      --model_args workdir=runs/sft --batch_size 16 --include_path evals/tasks \
       --tasks piqa_local --limit 100 [--apply_chat_template]
 
 The plain `lm_eval` / `lm-eval` script cannot find the model by itself: lm_eval 0.4.13
