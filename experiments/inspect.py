@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
-from absl import app, flags  # pylint: disable=g-import-not-at-top
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 
 from research import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
 from research import interpret  # pylint: disable=g-import-not-at-top
@@ -77,6 +77,7 @@ def main(argv):
     raise checkpoint_lib.CheckpointError(f'unexpected arguments {argv[1:]}')
   if not _WORKDIR.value or not _PROMPT.value:
     raise checkpoint_lib.CheckpointError('--workdir and --prompt are required')
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   params, config, tokenizer = checkpoint_lib.load_stage(_WORKDIR.value)
   cfg = model_lib.TransformerConfig.from_dict(config['model'])
   tokens = tokenizer.encode(_PROMPT.value)[-_MAX_TOKENS.value:]
