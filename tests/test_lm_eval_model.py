@@ -31,6 +31,24 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
+def learned_workdir(workdir, tmp_path_factory):
+  """The tiny run's tokenizer with a random learned-position model (positions matter)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from research import model as model_lib  # pylint: disable=g-import-not-at-top
+  _, config, tokenizer = checkpoint_lib.load_stage(workdir)
+  config = dict(config, model=dict(config['model'], position='learned'))
+  cfg = model_lib.TransformerConfig.from_dict(config['model'])
+  z = jnp.zeros((1, 8), jnp.int32)
+  params = nn.unbox(model_lib.Transformer(cfg).init(jax.random.key(3), z, z, z,
+                                                    jnp.zeros((1, 8), bool))['params'])
+  params = jax.tree.map(lambda x: x * 10, params)  # far from uniform
+  return checkpoint_lib.save_params_stage(tmp_path_factory.mktemp('learned') / 'run', config,
+                                          tokenizer, params, step=1)
+
+
+@pytest.fixture(scope='module')
 def lm(workdir):
   return lm_eval_model.ResearchLM(workdir=str(workdir), batch_size=4)
 
@@ -68,10 +86,15 @@ def test_rolling_windows_predict_every_token_once(lm):
   assert 0.5 < (total / len(ids)) / (short / (lm.max_length - 1)) < 2
 
 
-@pytest.mark.parametrize('batch_size, padding_side', [(1, 'right'), (3, 'left')])
-def test_choice_does_not_depend_on_batch_or_padding(workdir, lm, batch_size, padding_side):
+@pytest.mark.parametrize('batch_size, padding_side, position', [
+    (1, 'right', 'rope'), (3, 'left', 'rope'), (3, 'left', 'learned')])
+def test_choice_does_not_depend_on_batch_or_padding(workdir, learned_workdir, lm, batch_size,
+                                                    padding_side, position):
+  run = str(workdir if position == 'rope' else learned_workdir)
+  if position != 'rope':
+    lm = lm_eval_model.ResearchLM(workdir=run, batch_size=4)
   reference = lm.loglikelihood(requests('loglikelihood', PAIRS))
-  other = lm_eval_model.ResearchLM(workdir=str(workdir), batch_size=batch_size,
+  other = lm_eval_model.ResearchLM(workdir=run, batch_size=batch_size,
                                    padding_side=padding_side)
   got = other.loglikelihood(requests('loglikelihood', PAIRS))
   np.testing.assert_allclose([g[0] for g in got], [r[0] for r in reference], atol=1e-4)
