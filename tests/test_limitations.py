@@ -85,3 +85,13 @@ def test_arithmetic_formats_hold_the_same_tokens():
         == c.answer
   with pytest.raises(ValueError, match='format'):
     lim.chain_text(c, 'both')
+
+
+def test_unknown_part_is_an_error_before_anything_is_written(tmp_path):
+  from configs import limitations as config_lib  # pylint: disable=g-import-not-at-top
+  from experiments import common, limitations  # pylint: disable=g-import-not-at-top
+  config = config_lib.get_config('test')
+  config.parts = 'hallucination,telepathy'
+  with pytest.raises(common.UserError, match='telepathy'):
+    limitations.run(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
