@@ -113,7 +113,7 @@ def test_generate_until_stops_at_the_until_strings(lm):
   stop = free[len(free) // 2:len(free) // 2 + 2]
   cut = lm.generate_until(requests('generate_until', [
       ('The nation', {'until': [stop], 'max_gen_toks': 12}),
-      ('Congress', {'until': ['zzz-never'], 'max_gen_toks': 3})]))
+      ('Congress', {'until': ['zzz-never'], 'max_gen_toks': 12})]))
   assert cut[0] == free[:free.index(stop)]
   assert stop not in cut[0]
 
