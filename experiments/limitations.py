@@ -186,20 +186,30 @@ def bias(config, lm, train_counts) -> dict:
 
 
 def chains(config) -> tuple[list, list]:
+  """(train chains, test chains): `eval_per_k` distinct test questions per k drawn first,
+  then `chains_per_k` training chains per k that never ask a test question. Raises
+  UserError when a k has fewer distinct questions than eval_per_k asks for."""
   tc = config['think']
   rng = random.Random(config['seed'] + 2)
-  train = [lim.make_chain(k, rng) for k in range(1, tc['max_k'] + 1)
-           for _ in range(tc['chains_per_k'])]
-  seen = {lim.chain_question(c) for c in train}
-  test = []
+  test, held = [], set()
   for k in range(1, tc['max_k'] + 1):
-    got = 0
+    got = tries = 0
     while got < tc['eval_per_k']:
+      tries += 1
+      if tries > 100 * tc['eval_per_k']:
+        raise common.UserError(f'think.eval_per_k={tc["eval_per_k"]}: too few distinct '
+                               f'{k}-step questions')
       c = lim.make_chain(k, rng)
-      if lim.chain_question(c) not in seen:
+      if lim.chain_question(c) not in held:
         test.append(c)
-        seen.add(lim.chain_question(c))
+        held.add(lim.chain_question(c))
         got += 1
+  train = []
+  for k in range(1, tc['max_k'] + 1):
+    while len(train) < k * tc['chains_per_k']:
+      c = lim.make_chain(k, rng)
+      if lim.chain_question(c) not in held:
+        train.append(c)
   return train, test
 
 
