@@ -1,0 +1,50 @@
+"""Limitations study config: `--config=configs/limitations.py[:PRESET]`.
+
+Presets:
+  default  minutes on 2 CPU cores: a 2-layer d=96 model per arm, synthetic data only
+  test     seconds, for tests
+Parts (`parts`, comma-separated): hallucination (with the "I don't know" mitigation),
+bias, think (answer-first vs steps-first arithmetic).
+"""
+import ml_collections
+
+PRESETS = {
+    'default': dict(people=180, repeats=6, steps=600, finetune_steps=200, bias_texts=1500,
+                    bias_probes=100, chains_per_k=300, think_steps=600, eval_per_k=50,
+                    d_model=96, layers=2, heads=4, seq_len=128, batch=16),
+    'test': dict(people=12, repeats=1, steps=3, finetune_steps=2, bias_texts=40, bias_probes=4,
+                 chains_per_k=6, think_steps=3, eval_per_k=3, d_model=16, layers=1,
+                 heads=2, seq_len=64, batch=4),
+}
+
+
+def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
+  preset = arg or 'default'
+  if preset not in PRESETS:
+    raise ValueError(f'unknown preset {preset!r}: expected one of {sorted(PRESETS)}')
+  p = PRESETS[preset]
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.seed = 0
+  c.parts = 'hallucination,bias,think'
+  c.vocab_size = 512
+
+  c.model = ml_collections.ConfigDict(dict(d_model=p['d_model'], num_layers=p['layers'],
+                                            num_heads=p['heads']))
+  c.train = ml_collections.ConfigDict(dict(
+      seq_len=p['seq_len'], batch_size=p['batch'], learning_rate=3e-3, max_minutes=0.0))
+
+  # Hallucination: people are split known / unknown-probe / unknown-test (1/3 each).
+  # Known people's biographies and Q&A are trained on (`repeats` times each); the
+  # mitigation fine-tunes on "I don't know" for every probed question answered wrong.
+  c.hallucination = ml_collections.ConfigDict(dict(
+      people=p['people'], repeats=p['repeats'], steps=p['steps'],
+      finetune_steps=p['finetune_steps'], confident=0.5, num_bins=10))
+  # Bias: roles tied to groups at `rate` / 1 - rate in training text (mixed into the
+  # hallucination model's corpus); `probes` new names per group, sampled at T = 1.
+  c.bias = ml_collections.ConfigDict(dict(rate=0.7, texts=p['bias_texts'],
+                                          probes=p['bias_probes']))
+  # Tokens to think: two models from scratch, one per format, same data and steps.
+  c.think = ml_collections.ConfigDict(dict(chains_per_k=p['chains_per_k'], max_k=4,
+                                           steps=p['think_steps'], eval_per_k=p['eval_per_k']))
+  return c
