@@ -381,6 +381,22 @@ def load_corpus(
   return text_file_documents(path, chunk_chars)
 
 
+def split_key(text: str, seed: int) -> bytes:
+  """The 32-byte key `split_documents` ranks a document by: sha256 of seed and text."""
+  return hashlib.sha256(f"{seed}\0{text}".encode("utf-8", "surrogatepass")).digest()
+
+
+def num_validation_documents(n: int, validation_fraction: float) -> int:
+  """How many of `n` documents `split_documents` holds out: round(fraction * n), at
+  least 1 when n >= 2 and fraction > 0, at most n - 1. ValueError unless 0 <= f < 1."""
+  if not 0 <= validation_fraction < 1:
+    raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+  num_val = round(validation_fraction * n)
+  if validation_fraction > 0 and n >= 2:
+    num_val = min(max(num_val, 1), n - 1)
+  return num_val
+
+
 def split_documents(
     docs: Sequence[Document], validation_fraction: float, seed: int = 0
 ) -> tuple[list[Document], list[Document]]:
@@ -391,16 +407,9 @@ def split_documents(
   corpus order, at least one validation document when n >= 2 and fraction > 0,
   and never an empty train split.
   """
-  if not 0 <= validation_fraction < 1:
-    raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
   n = len(docs)
-  num_val = round(validation_fraction * n)
-  if validation_fraction > 0 and n >= 2:
-    num_val = min(max(num_val, 1), n - 1)
-  keys = [
-      hashlib.sha256(f"{seed}\0{d.text}".encode("utf-8", "surrogatepass")).digest()
-      for d in docs
-  ]
+  num_val = num_validation_documents(n, validation_fraction)
+  keys = [split_key(d.text, seed) for d in docs]
   val = set(sorted(range(n), key=lambda i: (keys[i], i))[:num_val])
   return (
       [d for i, d in enumerate(docs) if i not in val],
