@@ -240,7 +240,7 @@ def write_shard(folder: str | pathlib.Path, index: int, texts: Iterable[str],
   Each file is written to a temporary name and renamed when complete, so a killed
   writer leaves no file with a final name half-written. Tokenizes in this thread
   (run several processes for more). `on_progress(chars, tokens)` after each batch.
-  Returns the manifest record: index, num_documents, num_tokens (eos included),
+  Returns the manifest record: index, num_documents, num_tokens (eos included), num_chars,
   tokens_bytes, tokens_crc32 (one per 1 MiB block), docs_crc32, counts_crc32.
   Raises DataError (from reading the texts).
   """
@@ -251,12 +251,12 @@ def write_shard(folder: str | pathlib.Path, index: int, texts: Iterable[str],
   tmp = {s: p.with_name(p.name + suffix) for s, p in final.items()}
   ends, keys = [], []
   counts = np.zeros(tokenizer.vocab_size, np.int64)
-  position = 0
+  position, num_chars = 0, 0
   with open(tmp["tokens"], "wb") as f:
     writer = _CrcWriter(f)
 
     def flush(batch: list[str]) -> None:
-      nonlocal position, counts
+      nonlocal position, counts, num_chars
       ids = tokenizer.encode_batch(batch, num_threads=1)
       lengths = np.fromiter((len(t) + 1 for t in ids), np.int64, len(ids))
       for t in ids:
@@ -267,6 +267,7 @@ def write_shard(folder: str | pathlib.Path, index: int, texts: Iterable[str],
       ends.extend((position + np.cumsum(lengths)).tolist())
       position += int(lengths.sum())
       keys.extend(int.from_bytes(data.split_key(t, split_seed)[:8], "big") for t in batch)
+      num_chars += sum(map(len, batch))
       if on_progress:
         on_progress(sum(map(len, batch)), int(lengths.sum()))
 
@@ -289,7 +290,7 @@ def write_shard(folder: str | pathlib.Path, index: int, texts: Iterable[str],
       np.save(f, array, allow_pickle=False)
   for name in ("tokens", "docs.npy", "counts.npy"):
     os.replace(tmp[name], final[name])
-  return dict(index=index, num_documents=len(ends), num_tokens=position,
+  return dict(index=index, num_documents=len(ends), num_tokens=position, num_chars=num_chars,
               tokens_bytes=position * dtype.itemsize, tokens_crc32=writer.block_crcs(),
               docs_crc32=file_crc32(final["docs.npy"]),
               counts_crc32=file_crc32(final["counts.npy"]))
