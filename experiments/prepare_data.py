@@ -223,7 +223,7 @@ def main(argv):
   manifest = prepare(_CORPUS.value, _OUT.value, tokenizer=_TOKENIZER.value,
                      vocab_size=_VOCAB_SIZE.value, workers=_WORKERS.value,
                      text_field=_TEXT_FIELD.value, split_seed=_SPLIT_SEED.value,
-                     unit_bytes=int(_UNIT_MB.value * 2**20), progress=_PROGRESS.value)
+                     unit_bytes=round(_UNIT_MB.value * 2**20), progress=_PROGRESS.value)
   rate = manifest['tokens_this_call'] / max(manifest['seconds'], 1e-9)
   print(f'{_OUT.value}: {len(manifest["shards"])} shards, {manifest["num_documents"]:,} '
         f'documents, {manifest["num_tokens"]:,} tokens (tokenizer '
