@@ -274,7 +274,8 @@ def _iter_jsonl(path: pathlib.Path, text_field: str) -> Iterator[Document]:
       try:
         raw = f.readline()
       except (OSError, EOFError) as e:
-        raise DataError(f"{path}: bad gzip data ({e})") from None
+        what = "bad gzip data" if path.name.endswith(".gz") else "cannot read"
+        raise DataError(f"{path}: {what} ({e})") from None
       if not raw:
         return
       lineno += 1

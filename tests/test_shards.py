@@ -9,6 +9,7 @@ train_docs, seq_len)` for every i (tokens, segment ids, positions; the same for 
 validation rows), so `make_train_iterator` with one seed yields the same batches in the
 same order from both.
 """
+import gzip
 import hashlib
 import json
 import os
@@ -34,22 +35,25 @@ WORDS = ('the nation people congress year government states war peace law trade 
          'work union great public country free power act time duty world').split()
 
 
-def _text(rng, words):
-  return ' '.join(rng.choice(WORDS) for _ in range(words)).capitalize() + '.\n'
+def _text(rng, count, words=WORDS):
+  return ' '.join(rng.choice(words) for _ in range(count)).capitalize() + '.\n'
 
 
-def write_corpus(root: pathlib.Path, seed=0, files=4) -> pathlib.Path:
-  """A folder of every kind: .txt files (one document each), a .jsonl, a .parquet,
-  a whitespace-only file (skipped), in a sub-folder too."""
+def write_corpus(root: pathlib.Path, seed=0, files=4, words=WORDS) -> pathlib.Path:
+  """A folder of every kind: .txt files (one document each), a .jsonl, a .jsonl.gz,
+  a .parquet (a null and an empty text among its rows), a whitespace-only file
+  (skipped), in a sub-folder too."""
   rng = random.Random(seed)
   (root / 'sub').mkdir(parents=True)
   for i in range(files):
     (root / ('sub' if i % 2 else '.') / f'{i:02d}.txt').write_text(
-        _text(rng, rng.randint(5, 300)), encoding='utf-8')
+        _text(rng, rng.randint(5, 300), words), encoding='utf-8')
   (root / 'blank.txt').write_text(' \n\n', encoding='utf-8')
-  lines = [json.dumps({'text': _text(rng, rng.randint(1, 80)), 'id': i}) for i in range(15)]
+  lines = [json.dumps({'text': _text(rng, rng.randint(1, 80), words), 'id': i}) for i in range(15)]
   (root / 'c.jsonl').write_text('\n'.join(lines) + '\n', encoding='utf-8')
-  texts = [_text(rng, rng.randint(1, 120)) for _ in range(12)] + [None, '']
+  gz = [json.dumps({'text': _text(rng, rng.randint(1, 50), words)}) for _ in range(5)]
+  (root / 'sub' / 'e.jsonl.gz').write_bytes(gzip.compress('\n'.join(gz).encode()))
+  texts = [_text(rng, rng.randint(1, 120), words) for _ in range(12)] + [None, '']
   pq.write_table(pa.table({'text': texts, 'n': list(range(len(texts)))}), root / 'd.parquet')
   return root
 
@@ -110,7 +114,7 @@ def test_streamed_rows_equal_the_in_memory_rows(corpus, tok, prepared, seq_len, 
   assert manifest['complete'] and len(manifest['shards']) >= 3
   tokenizer = tokenizer_lib.Tokenizer.load(tok)
   train_docs, val_docs = data.split_documents(data.load_corpus(str(corpus)), fraction, seed=0)
-  assert len(train_docs) + len(val_docs) == manifest['num_documents'] == 4 + 15 + 12
+  assert len(train_docs) + len(val_docs) == manifest['num_documents'] == 4 + 15 + 5 + 12
   opened = shards.open_training_data(str(prepared), fraction, seq_len, split_seed=0)
   for rows, docs in ((opened.train, train_docs), (opened.validation, val_docs)):
     packed = data.pack_documents(tokenizer, docs, seq_len)
@@ -127,17 +131,27 @@ def test_streamed_rows_equal_the_in_memory_rows(corpus, tok, prepared, seq_len, 
       shards.unigram_entropy(packed, 400), abs=1e-12)
 
 
+class RecordingRows(shards.ShardedRows):
+  """ShardedRows that remember which rows were read."""
+
+  def rows(self, index):
+    self.read = getattr(self, 'read', []) + np.asarray(index).reshape(-1).tolist()
+    return super().rows(index)
+
+
 def test_two_processes_read_disjoint_rows_covering_all(prepared):
-  rows = shards.open_training_data(str(prepared), 0.1, 16, split_seed=0).train
-  hosts = [list(data.make_train_iterator(rows, 1, seed=3, num_epochs=1, process_index=i,
-                                         process_count=2)) for i in range(2)]
-  seen = [[bytes(b['tokens'][0]) + bytes(b['segment_ids'][0]) for b in h] for h in hosts]
-  everything = rows.rows(slice(None))
-  expected = sorted(bytes(t) + bytes(s) for t, s in zip(everything['tokens'],
-                                                        everything['segment_ids']))
-  assert [len(s) for s in seen] == [-(-rows.num_rows // 2), rows.num_rows // 2]
-  assert set(seen[0]).isdisjoint(seen[1])
-  assert sorted(seen[0] + seen[1]) == expected  # every row exactly once
+  train = shards.open_training_data(str(prepared), 0.1, 16, split_seed=0).train
+  hosts = [RecordingRows(train.source, train.doc_ids, 16) for _ in range(2)]
+  batches = [list(data.make_train_iterator(rows, 1, seed=3, num_epochs=1, process_index=i,
+                                           process_count=2)) for i, rows in enumerate(hosts)]
+  n = train.num_rows
+  assert [len(h.read) for h in hosts] == [-(-n // 2), n // 2]
+  assert set(hosts[0].read).isdisjoint(hosts[1].read)  # each reads only its own rows
+  assert sorted(hosts[0].read + hosts[1].read) == list(range(n))  # all of them, once
+  key = lambda t, s: bytes(t) + bytes(s)
+  got = sorted(key(b['tokens'][0], b['segment_ids'][0]) for bs in batches for b in bs)
+  everything = train.rows(slice(None))
+  assert got == sorted(map(key, everything['tokens'], everything['segment_ids']))
 
 
 # ----------------------------------------------------------------------------
@@ -188,7 +202,7 @@ def test_changed_corpus_or_tokenizer_is_refused_not_mixed(corpus, tok, tmp_path)
 @pytest.fixture(scope='module')
 def second(tok, tmp_path_factory):
   root = tmp_path_factory.mktemp('second')
-  write_corpus(root / 'c', seed=9, files=6)
+  write_corpus(root / 'c', seed=9, files=6, words=[w.upper() for w in WORDS])
   prepare_data.prepare(str(root / 'c'), root / 'out', tokenizer=str(tok))
   return root / 'out'
 
@@ -205,9 +219,9 @@ def test_mixture_is_deterministic_and_exact(prepared, second):
   again = data.make_train_iterator(mix, 8, seed=4)
   for b in batches:
     assert_rows_equal(b, next(again))
-  source = np.array([[bytes(r) in rows_of[1] and bytes(r) not in rows_of[0] for r in
-                      b['tokens']] for b in batches]).reshape(-1)
-  np.testing.assert_array_equal(source, slots[:200] == 1)  # the schedule, row by row
+  drawn_rows = [bytes(r) for b in batches for r in b['tokens']]
+  assert all(r in rows_of[s] for r, s in zip(drawn_rows, slots[:200]))  # the schedule, row by row
+  assert sum(r in rows_of[0] and r in rows_of[1] for r in drawn_rows) <= 2  # (each last row)
   drawn = mix.tokens_drawn(200, seed=4)
   assert drawn == {'main': int((slots[:200] == 0).sum()) * 16,
                    'out': int((slots[:200] == 1).sum()) * 16}
