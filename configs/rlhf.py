@@ -113,6 +113,8 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   c.eval.num_samples = 6  # sample continuations shown before / after
 
   c.checkpoint_every = p['checkpoint_every']
+  # Wall-clock cap of the PPO loop (0: none); a capped run still evaluates and reports.
+  c.max_minutes = 0.0
   c.keep_checkpoints = 2
   # XLA's backend optimisation and CPU fusion emitters off: ~4x faster compiles, slower
   # programs (tests).

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import sys
 import time
 from typing import Optional
@@ -231,3 +232,34 @@ def device_peak_flops() -> Optional[float]:
     if name in kind:
       return peak
   return None
+
+
+def check_new_dir(out, flag: str = '--out') -> pathlib.Path:
+  """`out` as a path; UserError (naming `flag`) unless it is new or an empty directory."""
+  if not out:
+    raise UserError(f'{flag} is required (the directory to write)')
+  out = pathlib.Path(out)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise UserError(f'{flag}={out} exists and is not an empty directory: choose a new '
+                           'one')
+  return out
+
+
+def write_dir_atomic(out: pathlib.Path, files: dict) -> None:
+  """Writes {name: bytes | callable(path)} into a sibling temp dir, then renames it to out."""
+  tmp = out.with_name(f'.{out.name}.tmp{os.getpid()}')
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  tmp.mkdir(parents=True)
+  try:
+    for name, content in files.items():
+      if callable(content):
+        content(tmp / name)
+      else:
+        (tmp / name).write_bytes(content)
+    if out.exists():
+      out.rmdir()  # empty (check_out)
+    os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

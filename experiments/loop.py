@@ -57,19 +57,20 @@ class SimulatedKill(RuntimeError):
   """Raised by `Loop.run` under `simulate_kill`: the run stops as a kill -9 would."""
 
 
-_kill_after: Optional[int] = None
+_kill: Optional[dict] = None  # {'steps': n, 'skip': runs left to pass over}
 
 
 @contextlib.contextmanager
-def simulate_kill(steps: int):
-  """Within the block, every `Loop.run` raises SimulatedKill after `steps` steps of its
-  call (after their metrics and hooks, before the checkpoint of the last one)."""
-  global _kill_after
-  _kill_after = steps
+def simulate_kill(steps: int, skip_runs: int = 0):
+  """Within the block, the (skip_runs + 1)-th call of `Loop.run` raises SimulatedKill
+  after `steps` steps of that call (after their metrics and hooks, before the checkpoint
+  of the last one); `skip_runs` lets a multi-stage run be killed in a later stage."""
+  global _kill
+  _kill = dict(steps=steps, skip=skip_runs)
   try:
     yield
   finally:
-    _kill_after = None
+    _kill = None
 
 
 class StopSignal:
@@ -247,6 +248,10 @@ class Loop:
     get_state/set_state); `meta_fn(step)` adds a stage's JSON to each checkpoint's meta;
     `save_fn(state)` is the tree that is saved (e.g. a dataclass turned into a dict).
     """
+    kill_after = None
+    if _kill is not None:
+      kill_after = _kill['steps'] if _kill['skip'] == 0 else None
+      _kill['skip'] -= 1
     stop = StopSignal()
     progress = common.Progress(self.steps, first_step)
     deadline = time.time() + 60 * self.max_minutes if self.max_minutes > 0 else None
@@ -282,7 +287,7 @@ class Loop:
             out = hook.fn(step, state)
             if out:
               self.log(step, out, prefix=hook.prefix)
-        if _kill_after is not None and step - first_step >= _kill_after:
+        if kill_after is not None and step - first_step >= kill_after:
           raise SimulatedKill(f'simulated kill after step {step}')
         if os.environ.get('LOOP_KILL_AT_STEP') == str(step):
           os.kill(os.getpid(), signal.SIGKILL)

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from experiments import common
 from experiments import loop as loop_lib
+from experiments import reward_model_report
 from research import checkpoint as checkpoint_lib
 from research import data as data_lib
 from research import flops as flops_lib
@@ -38,8 +39,8 @@ from research import preferences
 from research import reward_model
 from research import train_step as train_lib
 
-SUMMARY_FILE = 'summary.json'
-REPORT_FILE = 'report.md'
+SUMMARY_FILE = reward_model_report.SUMMARY_FILE
+REPORT_FILE = reward_model_report.REPORT_FILE
 
 
 # ----------------------------------------------------------------------------
@@ -302,7 +303,7 @@ def train(config, workdir, init_workdir, pairs=None) -> dict:
       train_seconds=result.seconds, minutes=(time.time() - t0) / 60, loop=result.record())
   if jax.process_index() == 0:
     checkpoint_lib.write_json_atomic(workdir / SUMMARY_FILE, summary)
-    (workdir / REPORT_FILE).write_text(report(summary, config))
+    reward_model_report.write(workdir)
   return summary
 
 
@@ -320,44 +321,6 @@ class _Sampled:
 
   def set_state(self, state):
     self.sampler.set_state(state)
-
-
-def report(summary: dict, config: dict) -> str:
-  """A short markdown report of a finished (or interrupted) run."""
-  def acc(m):
-    if not m or m.get('accuracy') is None:
-      return 'n/a'
-    lo, hi = m['interval']
-    return f'{m["accuracy"]:.3f} [{lo:.3f}, {hi:.3f}] ({m["correct"]}/{m["n"]})'
-  h, data = summary['heldout'], summary['data']
-  oc = config['optimizer']
-  lines = [
-      '# Reward model', '',
-      f'- init: `{summary["init"]}` ({summary["params"]["total"] / 1e6:.2f}M parameters + '
-      'a scalar head)',
-      f'- data: {data.get("source")} `{data.get("path", "(arrays)")}`: {data["train"]} train / '
-      f'{data["heldout"]} held-out pairs (held out by prompt)'
-      + (f'; skipped {data["skipped"]}' if data.get('skipped') else '')
-      + (f'; {data["truncated"]} pairs cut from the left to {summary["seq_len"]} tokens'
-         if data.get('truncated') is not None else ''),
-      f'- training: {summary["steps"]} steps × {summary["batch_size"]} pairs '
-      f'({summary["steps"] * summary["batch_size"] / max(data["train"], 1):.1f} epochs), '
-      f'lr {oc["learning_rate"]:g}, {summary["minutes"]:.1f} min in all'
-      + (' (interrupted)' if summary['interrupted'] else ''), '',
-      '| held-out pairs | accuracy, 95 % Wilson interval | mean margin | loss |',
-      '|---|---|---|---|',
-  ]
-  for name, m in (('trained', h), ('untrained head', summary.get('heldout_before'))):
-    if m and m.get('n'):
-      lines.append(f'| {name} | {acc(m)} | {m["margin"]:.3f} | {m["loss"]:.3f} |')
-  lw = summary['baselines']['longer_wins']
-  lines += ['',
-            f'Baselines: chance 0.5; "the longer sequence wins" '
-            f'{"n/a" if lw is None else f"{lw:.3f}"} on the same held-out pairs.',
-            f'Training pairs ({summary["offset_pairs"]} scored): accuracy '
-            f'{acc(summary["train"])}; score offset (mean score) {summary["offset"]:.4f}, '
-            f'score std {summary["train"]["score_std"]:.3f}.']
-  return '\n'.join(lines) + '\n'
 
 
 # ----------------------------------------------------------------------------

@@ -347,7 +347,8 @@ def run(config, workdir, init_workdir) -> dict:
                         f' KL {r["kl_k1"]:.2f} beta {r["beta"]:.3f} '
                         f'{r["seconds_iteration"]:.1f}s/it')
   with loop_lib.Loop(workdir, steps=pc['iterations'], checkpoint_every=config['checkpoint_every'],
-                     keep=config['keep_checkpoints'], progress_fn=progress) as loop:
+                     keep=config['keep_checkpoints'], max_minutes=config['max_minutes'],
+                     progress_fn=progress) as loop:
     restored = loop.restore(ppo.abstract_tree(ppo.state_tree(state)), sampler)
     if restored is not None:
       checkpoint_lib.check_tokenizer(restored.meta, tokenizer, workdir)
@@ -361,7 +362,7 @@ def run(config, workdir, init_workdir) -> dict:
                       meta_fn=lambda step: dict(evals=evals, timing=timing, seed=config['seed'],
                                                 tokenizer_fingerprint=tokenizer.fingerprint))
   state, step = result.state, result.step
-  if result.interrupted:
+  if result.stopped_by_signal:  # saved; evaluated when resumed (a time cap reports now)
     common.log(f'stopped at iteration {step} of {pc["iterations"]}: run again to resume')
     return dict(step=step, interrupted=True)
 

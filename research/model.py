@@ -44,6 +44,7 @@ class TransformerConfig:
   mlp_dim: Optional[int] = None  # None: 4·d_model (gelu) or 8/3·d_model (swiglu).
   mlp: str = 'gelu'  # 'gelu' | 'swiglu'
   norm: str = 'rmsnorm'  # 'rmsnorm' | 'layernorm'
+  norm_eps: float = 1e-6  # added to the mean square (variance) inside every norm
   position: str = 'rope'  # 'rope' | 'learned'
   max_len: int = 256  # only bounds learned positions.
   rope_theta: float = 10_000.0
@@ -250,11 +251,12 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_MxD, aux, layer_cache=None):
     rope_tables_, segment_ids_BxL, prefix_BxL, decode = aux
+    norm = lambda name: Norm(self.cfg.norm, self.cfg.norm_eps, name=name)
     attention_MxD, layer_cache = Attention(self.cfg, name='attention')(
-        Norm(self.cfg.norm, name='attention_norm')(x_MxD), rope_tables_, segment_ids_BxL,
-        prefix_BxL, layer_cache, decode)
+        norm('attention_norm')(x_MxD), rope_tables_, segment_ids_BxL, prefix_BxL, layer_cache,
+        decode)
     x_MxD = x_MxD + attention_MxD
-    x_MxD = x_MxD + Mlp(self.cfg, name='mlp')(Norm(self.cfg.norm, name='mlp_norm')(x_MxD))
+    x_MxD = x_MxD + Mlp(self.cfg, name='mlp')(norm('mlp_norm')(x_MxD))
     return _constrain(x_MxD, ('batch', 'act_embed')), layer_cache
 
 
@@ -354,7 +356,7 @@ class Transformer(nn.Module):
         layer_caches.append(layer_cache)
       layer_caches = tuple(layer_caches)
 
-    hidden_MxD = Norm(cfg.norm, name='final_norm')(x_MxD)
+    hidden_MxD = Norm(cfg.norm, cfg.norm_eps, name='final_norm')(x_MxD)
     if not cfg.tie_embeddings:
       _param(self, 'unembed', (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
              cfg.init_std, cfg.param_dtype)

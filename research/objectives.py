@@ -6,8 +6,8 @@ and an rng to the model's inputs and what to score:
   {'inputs', 'positions', 'segment_ids', 'prefix', 'targets', 'weights'}
 `prefix` (bool B×L) sets the attention pattern (see model.py): all False is causal,
 all True bidirectional. `weights` (float32 B×L) is 1 where `targets` is scored. All
-objectives share `weighted_cross_entropy` (or the fused `kernels.lm_head_loss`, the
-same function of the hidden states), so comparing objectives changes only this file.
+objectives share one loss (the fused `kernels.lm_head_loss` of the hidden states, in
+`train_step.loss_sums`), so comparing objectives changes only this file.
 
 Everything here runs under jit, on device, from the step's rng: corruption is
 deterministic given (seed, step) and costs no host time.
@@ -35,18 +35,6 @@ class SpecialIds:
                special=tuple(int(i) for i in np.flatnonzero(tok.is_special_mask(
                    np.arange(tok.vocab_size)))),
                sentinels=tuple(tok.sentinel_ids))
-
-
-def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL, z_loss=0.0):
-  """Summed weighted cross-entropy (+ z-loss log²Z), summed z term and correct count."""
-  logits = logits_BxLxV.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
-  nll = log_z - target_logit
-  z_term = z_loss * jnp.square(log_z)
-  correct = (jnp.argmax(logits, axis=-1) == targets_BxL).astype(jnp.float32)
-  w = weights_BxL.astype(jnp.float32)
-  return jnp.sum((nll + z_term) * w), jnp.sum(z_term * w), jnp.sum(correct * w)
 
 
 def _next_token_targets(tokens_BxL, segment_ids_BxL):

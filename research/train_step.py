@@ -123,7 +123,12 @@ def train_state_from_params(params, tx, shardings, mesh) -> TrainState:
 
 
 def loss_sums(params, model, example, z_loss: float):
-  """Summed loss, z-loss, correct predictions and scored tokens of one prepared example."""
+  """Summed loss (cross-entropy + z-loss: what is differentiated), z-loss, correct
+  predictions and scored tokens of one prepared example.
+
+  `kernels.lm_head_loss` returns the cross-entropy and the z term apart; callers get the
+  cross-entropy alone as loss_sum − z_loss_sum.
+  """
   cfg = model.cfg
   hidden_BxLxD, _ = model.apply({'params': params}, example['inputs'], example['positions'],
                                 example['segment_ids'], example['prefix'])
@@ -132,8 +137,8 @@ def loss_sums(params, model, example, z_loss: float):
       hidden_BxLxD.reshape(b * l, d), model_lib.head_weights(params),
       example['targets'].reshape(b * l), example['weights'].reshape(b * l),
       z_loss=z_loss, compute_dtype=cfg.compute_dtype)
-  return loss, dict(loss_sum=loss, z_loss_sum=z, correct=correct,
-                    tokens=jnp.sum(example['weights']))
+  return loss + z, dict(loss_sum=loss + z, z_loss_sum=z, correct=correct,
+                        tokens=jnp.sum(example['weights']))
 
 
 def make_train_step(model, tx, schedule, objective: Callable, ids, *, z_loss=0.0,

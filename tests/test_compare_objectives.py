@@ -5,6 +5,7 @@ import json
 import pathlib
 import random
 
+import numpy as np
 import pytest
 
 from configs import compare_objectives as study_config
@@ -81,6 +82,7 @@ def test_budget_is_equal_across_all_arms_and_asserted(corpus, tmp_path):
     study.check_equal_budget({'causal': first, 'masked15': {**first, 'data_order': 'x'}})
 
 
+@pytest.mark.slow
 def test_micro_study_end_to_end_and_restart_skips_finished_runs(corpus, tmp_path, monkeypatch):
   config = micro_config(corpus)
   workdir = tmp_path / 'study'
@@ -147,3 +149,23 @@ def test_findings_and_table_from_paired_seeds():
   assert '| 4.010 ± 0.010 [3.985, 4.035] |' in table  # causal loss: mean ± std [t-interval]
   one_seed = study_report.findings(_fake_results(seeds=(0,)), config)
   assert all(study_report.NOT_ENOUGH in f for f in one_seed)
+
+
+def test_load_piqa_reads_examples_and_labels_in_order(shared_data, tmp_path):
+  path = shared_data / 'piqa'
+  examples, labels = study.load_piqa(path, max_examples=0)
+  raw = [json.loads(line) for line in (path / 'valid.jsonl').read_text().splitlines()
+         if line.strip()]
+  raw_labels = [int(x) for x in (path / 'valid-labels.lst').read_text().split()]
+  assert len(examples) == len(labels) == len(raw) == 1838
+  np.testing.assert_array_equal(labels, raw_labels)
+  assert set(np.unique(labels)) == {0, 1}
+  for k in (0, 1, 917, 1837):  # (goal, sol1, sol2) in the file's order
+    assert examples[k] == (raw[k]['goal'], raw[k]['sol1'], raw[k]['sol2'])
+  first, first_labels = study.load_piqa(path, max_examples=5)
+  assert first == examples[:5] and list(first_labels) == list(labels[:5])
+  assert study.load_piqa(tmp_path / 'absent', 0) == (None, None)
+  (tmp_path / 'valid.jsonl').write_text((path / 'valid.jsonl').read_text().splitlines()[0])
+  (tmp_path / 'valid-labels.lst').write_text('0\n1\n')
+  with pytest.raises(data_lib.DataError, match='1 examples but 2 labels'):
+    study.load_piqa(tmp_path, 0)

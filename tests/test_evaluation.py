@@ -1,4 +1,5 @@
-"""Every evaluation on a tiny random model: finite numbers of the right shape; the era
+"""Every evaluation on a tiny random model against a brute-force recomputation (the
+model's forward called directly, plain log-softmax, one row per scored token); the era
 task's bins are balanced and its train/test passages come from disjoint speeches."""
 import flax.linen as nn
 import jax
@@ -41,7 +42,47 @@ def _word_starts(tokens):
   return evaluation.word_starts([PIECES[int(t)] for t in tokens])
 
 
+_forward = jax.jit(lambda params, tokens, positions, segment_ids, prefix: model_lib.Transformer(
+    CFG).apply({'params': params}, tokens, positions, segment_ids, prefix)[0])
+
+
+def _log_probs(params, tokens_NxL, segment_ids_NxL, bidirectional, positions_NxL=None):
+  """Plain log-softmax of the tied head over the model's forward (float64, N×L×V), run
+  16 rows at a time (one compile). Positions count each row's real tokens from 0."""
+  tokens_NxL, segment_ids_NxL = np.asarray(tokens_NxL), np.asarray(segment_ids_NxL)
+  if positions_NxL is None:
+    positions_NxL = np.maximum(np.cumsum(segment_ids_NxL > 0, axis=1) - 1, 0)
+  n = len(tokens_NxL)
+  out = []
+  for s in range(0, n, 16):
+    idx = np.arange(s, s + 16) % n
+    hidden = _forward(params, tokens_NxL[idx], positions_NxL[idx], segment_ids_NxL[idx],
+                      np.full(tokens_NxL[idx].shape, bidirectional))
+    logits = np.einsum('nld,vd->nlv', np.asarray(hidden, np.float64),
+                       np.asarray(params['embed'], np.float64))
+    logits -= logits.max(-1, keepdims=True)
+    out.append((logits - np.log(np.exp(logits).sum(-1, keepdims=True)))[:min(16, n - s)])
+  return np.concatenate(out)
+
+
+def _pll_brute_force(params, tokens_L, segment_ids_L, starts_L, scored_L, readout):
+  """PLL-word-l2r log-probs of the scored tokens, one masked copy of the row per token:
+  the token and the later pieces of its word masked, read at t or t-1."""
+  word_L = np.cumsum(starts_L) - 1
+  rows, reads = [], []
+  for t in np.flatnonzero(scored_L):
+    row = np.array(tokens_L)
+    row[(np.arange(len(row)) >= t) & (word_L == word_L[t])] = IDS.mask
+    rows.append(row)
+    reads.append(t - 1 if readout == 'next' else t)
+  logp = _log_probs(params, np.stack(rows), np.broadcast_to(segment_ids_L, (len(rows),
+                                                                           len(tokens_L))), True)
+  return np.array([logp[k, at, tokens_L[t]]
+                   for k, (at, t) in enumerate(zip(reads, np.flatnonzero(scored_L)))])
+
+
 def test_causal_loss_before_and_after_adaptation_is_finite(params):
+  embed = np.array(params['embed'])
   before = evaluation.causal_loss(params, CFG, _batches())
   assert np.isfinite(before) and abs(before - np.log(V)) < 0.5  # a random model: ~uniform
   opt = train_lib.OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=4)
@@ -49,13 +90,57 @@ def test_causal_loss_before_and_after_adaptation_is_finite(params):
   assert jax.tree.structure(adapted) == jax.tree.structure(params)
   after = evaluation.causal_loss(adapted, CFG, _batches())
   assert np.isfinite(after) and after < before  # trained on these very batches
-  np.testing.assert_array_equal(params['embed'], params['embed'])  # input not donated away
+  np.testing.assert_array_equal(np.asarray(params['embed']), embed)  # not donated away
+
+
+def test_causal_loss_equals_brute_force(params):
+  total, count = 0.0, 0
+  for batch in _batches():
+    tokens, seg = batch['tokens'], batch['segment_ids']
+    logp = _log_probs(params, tokens, seg, False, batch['positions'])
+    for r, i in np.ndindex(tokens.shape[0], tokens.shape[1] - 1):
+      if seg[r, i] > 0 and seg[r, i + 1] == seg[r, i]:  # next token of the same document
+        total, count = total - logp[r, i, tokens[r, i + 1]], count + 1
+  assert count > 50
+  np.testing.assert_allclose(evaluation.causal_loss(params, CFG, _batches()), total / count,
+                             rtol=1e-5)
 
 
 @pytest.mark.parametrize('readout', evaluation.READOUTS)
 def test_cloze_accuracy_is_a_fraction(params, readout):
   acc = evaluation.cloze_accuracy(params, CFG, _batches(), IDS, mask_rate=0.3, readout=readout)
   assert 0.0 <= acc <= 1.0
+
+
+def test_cloze_accuracy_equals_brute_force_for_each_readout(params):
+  """A random model is right ~never; so the answers are planted: a masked token becomes
+  the model's own in-place prediction (at two positions in three) or its prediction
+  from the position before (the others). The masked inputs, hence every prediction, stay the same,
+  so each readout must score exactly its own share. The special tokens' embeddings are
+  shrunk: a random tied model otherwise predicts <mask> at a <mask>."""
+  params = dict(params, embed=params['embed'].at[:45].multiply(0.01))
+  planted, want = [], {'inplace': [0, 0], 'next': [0, 0]}
+  for i, batch in enumerate(_batches()):
+    tokens, seg, pos = (np.array(batch[k]) for k in ('tokens', 'segment_ids', 'positions'))
+    key = jax.random.fold_in(jax.random.key(0), i)  # cloze_accuracy's seed 0, batch i
+    _, selected = objectives.bert_corrupt(tokens, seg, key, IDS, 0.3)
+    selected = np.asarray(selected) & (pos > 0)
+    pred = _log_probs(params, np.where(selected, IDS.mask, tokens), seg, True, pos).argmax(-1)
+    for r, t in zip(*np.nonzero(selected)):
+      guess = pred[r, t] if t % 3 else pred[r, t - 1]
+      if guess >= 45:  # an ordinary token: still selectable, so the same tokens are masked
+        tokens[r, t] = guess
+    for r, t in zip(*np.nonzero(selected)):
+      for readout, at in (('inplace', t), ('next', t - 1)):
+        want[readout][0] += int(pred[r, at] == tokens[r, t])
+        want[readout][1] += 1
+    planted.append(dict(batch, tokens=tokens))
+  accuracy = {k: c / n for k, (c, n) in want.items()}
+  assert accuracy['inplace'] > 0.5 and accuracy['next'] > 0.2, accuracy
+  assert accuracy['inplace'] - accuracy['next'] > 0.1, accuracy
+  for readout in evaluation.READOUTS:
+    got = evaluation.cloze_accuracy(params, CFG, planted, IDS, mask_rate=0.3, readout=readout)
+    assert got == pytest.approx(accuracy[readout], abs=1e-9), readout
 
 
 def test_word_starts_and_pll_rows_mask_the_rest_of_the_word():
@@ -77,6 +162,11 @@ def test_pseudo_log_likelihood_is_finite_and_negative(params, readout):
   pll = evaluation.pseudo_log_likelihood(params, CFG, tokens, starts, IDS.mask, readout=readout,
                                          batch_size=16)
   assert np.isfinite(pll) and -np.log(V) - 1 < pll < 0
+  # Brute force: every token but the first of each row, read at t or t-1.
+  want = np.concatenate([_pll_brute_force(params, t, np.ones(L, np.int32), s,
+                                          np.arange(L) > 0, readout)
+                         for t, s in zip(tokens, starts)])
+  np.testing.assert_allclose(pll, want.mean(), rtol=1e-5)
 
 
 @pytest.mark.parametrize('mode', ['causal', 'pll_inplace', 'pll_next'])
@@ -94,6 +184,24 @@ def test_choice_scores_have_one_finite_score_per_row(params, mode):
   assert scores.shape == (4,) and np.all(np.isfinite(scores)) and np.all(scores < 0)
   acc, correct = evaluation.choice_accuracy(scores.reshape(2, 2), np.array([0, 1]))
   assert 0 <= acc <= 1 and correct in (0, 1, 2)
+  # Brute force: the summed log-probs of each row's scored (choice) tokens.
+  want = []
+  for tokens, seg, score in rows:
+    if mode == 'causal':  # token i from position i-1, causal attention
+      logp = _log_probs(params, tokens[None], seg[None], False)[0]
+      want.append(sum(logp[i - 1, tokens[i]] for i in np.flatnonzero(score)))
+    else:
+      want.append(_pll_brute_force(params, tokens, seg, _word_starts(tokens),
+                                   score & (np.arange(L) > 0), mode[len('pll_'):]).sum())
+  np.testing.assert_allclose(scores, want, rtol=1e-5)
+
+
+def test_choice_accuracy_picks_the_highest_score_and_ties_count_wrong():
+  scores = np.array([[-3.0, -1.0], [-0.5, -2.0], [-1.0, -1.0], [-4.0, -0.1], [1.0, 2.0]])
+  acc, correct = evaluation.choice_accuracy(scores, np.array([1, 0, 0, 0, 0]))
+  assert (acc, correct) == (0.4, 2)
+  three = evaluation.choice_accuracy(np.array([[0.1, 0.3, 0.2]]), np.array([1]))
+  assert three == (1.0, 1)
 
 
 def test_statistics():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from research import model as model_lib
+from research import train_step as train_lib
 
 CFG = model_lib.TransformerConfig(vocab_size=128, d_model=32, num_layers=2, num_heads=4,
                                   num_kv_heads=2, max_len=16)
@@ -124,3 +125,57 @@ def test_rope_matches_rotation_formula_and_is_relative():
   q = model_lib.rope(jnp.broadcast_to(x[:1], x.shape), model_lib.rope_tables(positions, h, theta))
   scores = jnp.einsum('blnh,bmnh->bnlm', q, q)
   np.testing.assert_allclose(scores[0], scores[1], rtol=1e-4, atol=1e-4)
+
+
+def _loss_example(tokens_BxL):
+  b, l = tokens_BxL.shape
+  targets = jnp.concatenate([tokens_BxL[:, 1:], jnp.zeros((b, 1), tokens_BxL.dtype)], axis=1)
+  return dict(inputs=tokens_BxL, positions=jnp.tile(jnp.arange(l), (b, 1)),
+              segment_ids=jnp.ones((b, l), jnp.int32), prefix=jnp.zeros((b, l), bool),
+              targets=targets, weights=(jnp.arange(l) < l - 1).astype(jnp.float32)[None]
+              .repeat(b, 0))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _hidden_and_loss(cfg, params, example):
+  """Hidden states and the summed loss + z-loss (the train step's loss_sums)."""
+  model = model_lib.Transformer(cfg)
+  hidden, _ = model.apply({'params': params}, example['inputs'], example['positions'],
+                          example['segment_ids'], example['prefix'])
+  return hidden, train_lib.loss_sums(params, model, example, 1e-4)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _hidden_loss_and_grads(cfg, params, example):
+  """`_hidden_and_loss` and the loss's gradient."""
+  grads = jax.grad(lambda p: _hidden_and_loss(cfg, p, example)[1])(params)
+  return (*_hidden_and_loss(cfg, params, example), grads)
+
+
+def test_bfloat16_compute_is_close_to_float32(setup):
+  """A whole model's forward and fused head + loss with bf16 dot operands: the loss
+  agrees to bf16 precision, and it is not silently float32. (Forward only: on CPUs with
+  native bf16 dots, avx512_bf16, the whole model's gradient fails to run,
+  "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32".)"""
+  params, _ = setup
+  example = _loss_example(jax.random.randint(jax.random.key(5), (4, L), 10, 128))
+  h32, loss32 = _hidden_and_loss(CFG, params, example)
+  h16, loss16 = _hidden_and_loss(dataclasses.replace(CFG, compute_dtype='bfloat16'), params,
+                                 example)
+  assert h16.dtype == jnp.float32 and loss16.dtype == jnp.float32  # float32 out
+  diff = float(jnp.max(jnp.abs(h16 - h32)))
+  assert 1e-6 < diff < 0.05, diff  # rounded (bf16 has 8 bits of mantissa), yet close
+  np.testing.assert_allclose(loss16, loss32, rtol=2e-3)
+
+
+@pytest.mark.parametrize('remat', ['dots', 'full'])
+def test_remat_gives_the_same_loss_and_gradients(setup, remat):
+  params, _ = setup
+  example = _loss_example(jax.random.randint(jax.random.key(6), (2, L), 10, 128))
+  h, loss, grads = _hidden_loss_and_grads(CFG, params, example)
+  h_r, loss_r, grads_r = _hidden_loss_and_grads(dataclasses.replace(CFG, remat=remat), params,
+                                                example)
+  np.testing.assert_allclose(h_r, h, atol=1e-6)
+  np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads_r,
+               grads)

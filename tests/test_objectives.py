@@ -29,6 +29,47 @@ def _packed_batch(b=8, l=64, seed=0):
               positions=jnp.asarray(pos))
 
 
+def _next_token_reference(tokens_L, seg_L):
+  """(targets, weights) of next-token prediction in plain Python: position i predicts
+  token i+1 when both are in the same (non-padding) document."""
+  l = len(tokens_L)
+  targets, weights = np.zeros(l, np.int64), np.zeros(l, bool)
+  for i in range(l - 1):
+    if seg_L[i] > 0 and seg_L[i + 1] == seg_L[i]:
+      targets[i], weights[i] = tokens_L[i + 1], True
+  return targets, weights
+
+
+def _bert_reference(tokens, seg, key, mask_rate):
+  """The BERT recipe redone in numpy from the same key's uniform draws:
+  (corrupted tokens, selected) as `objectives.bert_corrupt` should give them."""
+  r_select, r_kind, r_random = jax.random.split(key, 3)
+  u_select = np.asarray(jax.random.uniform(r_select, tokens.shape))
+  u_kind = np.asarray(jax.random.uniform(r_kind, tokens.shape))
+  never = set(IDS.special) | {IDS.pad}
+  ordinary = np.array([t for t in range(V) if t not in never])
+  random_tokens = ordinary[np.asarray(jax.random.randint(r_random, tokens.shape, 0,
+                                                         len(ordinary)))]
+  corrupted, selected = tokens.copy(), np.zeros(tokens.shape, bool)
+  for r, i in np.ndindex(*tokens.shape):
+    if seg[r, i] == 0 or tokens[r, i] in never or not u_select[r, i] < mask_rate:
+      continue
+    selected[r, i] = True
+    if u_kind[r, i] < 0.8:
+      corrupted[r, i] = IDS.mask
+    elif u_kind[r, i] < 0.9:
+      corrupted[r, i] = random_tokens[r, i]
+  return corrupted, selected
+
+
+def _assert_scored(ex, r, want_targets, want_weights):
+  """Row r scores exactly `want_weights`, with the wanted target at every scored position."""
+  w = np.asarray(ex['weights'][r])
+  np.testing.assert_array_equal(w, want_weights.astype(np.float32), err_msg=f'row {r}')
+  np.testing.assert_array_equal(np.asarray(ex['targets'][r])[want_weights],
+                                want_targets[want_weights], err_msg=f'row {r}')
+
+
 def test_causal_targets_are_next_token_in_same_document():
   batch = _packed_batch()
   ex = objectives.causal(batch, jax.random.key(0), IDS)
@@ -62,6 +103,21 @@ def test_masked_lm_follows_bert_recipe():
   assert (inputs[sel & (inputs != IDS.mask)] > 39).all()  # replacements are ordinary tokens
 
 
+def test_masked_lm_equals_numpy_reference_from_the_same_key():
+  batch = _packed_batch(b=8, l=64, seed=5)
+  key = jax.random.key(11)
+  ex = objectives.masked(batch, key, IDS, mask_rate=0.3)
+  tokens, seg = np.asarray(batch['tokens']), np.asarray(batch['segment_ids'])
+  corrupted, selected = _bert_reference(tokens, seg, key, 0.3)
+  assert selected.sum() > 20
+  np.testing.assert_array_equal(np.asarray(ex['inputs']), corrupted)
+  np.testing.assert_array_equal(np.asarray(ex['weights']), selected.astype(np.float32))
+  # In place: the output at i predicts token i.
+  np.testing.assert_array_equal(np.asarray(ex['targets'])[selected], tokens[selected])
+  np.testing.assert_array_equal(np.asarray(ex['positions']), np.asarray(batch['positions']))
+  np.testing.assert_array_equal(np.asarray(ex['segment_ids']), seg)
+
+
 def test_prefix_lm_scores_only_the_suffix_of_each_document():
   batch = _packed_batch()
   ex = objectives.prefix_lm(batch, jax.random.key(2), IDS)
@@ -76,6 +132,27 @@ def test_prefix_lm_scores_only_the_suffix_of_each_document():
       assert p[:k].all() and not p[k:].any()  # a leading run
       # Scored: predictions of tokens k .. n-1, made at positions k-1 .. n-2.
       np.testing.assert_array_equal(np.flatnonzero(w[r, idx]), np.arange(k - 1, len(idx) - 1))
+
+
+def test_prefix_lm_split_and_targets_equal_numpy_reference_from_the_same_key():
+  batch = _packed_batch(seed=6)
+  key = jax.random.key(12)
+  ex = objectives.prefix_lm(batch, key, IDS)
+  tokens, seg = np.asarray(batch['tokens']), np.asarray(batch['segment_ids'])
+  pos = np.asarray(batch['positions'])
+  u = np.asarray(jax.random.uniform(key, tokens.shape))  # document s of row r draws u[r, s]
+  for r in range(tokens.shape[0]):
+    want_prefix = np.zeros(tokens.shape[1], bool)
+    targets, weights = _next_token_reference(tokens[r], seg[r])
+    for s in set(seg[r]) - {0}:
+      idx = np.flatnonzero(seg[r] == s)
+      n = len(idx)
+      split = int(np.clip(np.floor(u[r, s] * np.float32(n)), 1, max(n - 1, 1)))
+      want_prefix[idx] = pos[r, idx] < split
+      weights[idx] &= pos[r, idx] + 1 >= split  # only predictions of suffix tokens
+    np.testing.assert_array_equal(np.asarray(ex['prefix'][r]), want_prefix, err_msg=f'row {r}')
+    _assert_scored(ex, r, targets, weights)
+  np.testing.assert_array_equal(np.asarray(ex['inputs']), tokens)
 
 
 def test_span_corruption_reconstructs_the_source():
@@ -103,6 +180,52 @@ def test_span_corruption_reconstructs_the_source():
     assert w.sum() == noise + spans and w[n_in - 1] == 1
 
 
+def _span_reference(tokens_L, key, l, noise_rate=0.15, mean_span=3.0):
+  """T5 span corruption of one row in plain Python from the row's key: the sequence
+  [kept tokens with one sentinel per span | each sentinel then its span], and the
+  length of its input part."""
+  src, noise, spans = objectives.span_lengths(l, noise_rate, mean_span)
+  r_noise, r_keep = jax.random.split(key)
+
+  def run_lengths(k, total):  # T5's random split into `spans` non-empty runs
+    starts = np.asarray(jax.random.permutation(k, np.arange(total - 1) < spans - 1))
+    run_of = np.concatenate([[0], np.cumsum(starts)])
+    return [int(np.sum(run_of == s)) for s in range(spans)]
+
+  noise_lengths, keep_lengths = run_lengths(r_noise, noise), run_lengths(r_keep, src - noise)
+  x, i, inputs, targets = [int(t) for t in tokens_L[:src]], 0, [], []
+  for s in range(spans):  # keep-run s, then noise-run s
+    inputs += x[i:i + keep_lengths[s]]
+    i += keep_lengths[s]
+    inputs.append(IDS.sentinels[s])
+    targets += [IDS.sentinels[s]] + x[i:i + noise_lengths[s]]
+    i += noise_lengths[s]
+  assert i == src
+  return inputs + targets, len(inputs)
+
+
+def test_span_corruption_equals_numpy_reference_from_the_same_key():
+  b, l = 4, 64
+  batch = _packed_batch(b=b, l=l, seed=7)
+  key = jax.random.key(13)
+  ex = objectives.span_corruption(batch, key, IDS)
+  row_keys = jax.random.split(key, b)
+  for r in range(b):
+    seq, n_in = _span_reference(np.asarray(batch['tokens'][r]), row_keys[r], l)
+    n = len(seq)
+    assert n <= l
+    idx = np.arange(l)
+    np.testing.assert_array_equal(np.asarray(ex['inputs'][r]), seq + [IDS.pad] * (l - n))
+    np.testing.assert_array_equal(np.asarray(ex['prefix'][r]), idx < n_in)
+    np.testing.assert_array_equal(np.asarray(ex['segment_ids'][r]), (idx < n).astype(int))
+    np.testing.assert_array_equal(np.asarray(ex['positions'][r]), idx)
+    # Scored: every target token, the first sentinel included, predicted from the
+    # position before it: targets are the next input token.
+    weights = (idx >= n_in - 1) & (idx < n - 1)
+    targets = np.array(seq[1:] + [IDS.pad] * (l - n + 1))
+    _assert_scored(ex, r, targets, weights)
+
+
 def test_hybrid_mixes_causal_and_masked_rows():
   batch = _packed_batch(b=64)
   ex = objectives.hybrid(batch, jax.random.key(4), IDS, causal_fraction=0.25)
@@ -114,6 +237,28 @@ def test_hybrid_mixes_causal_and_masked_rows():
   # Masked rows score the next token only where that token was selected for corruption.
   w = np.asarray(ex['weights'])[bidirectional_rows]
   assert 0 < w.sum() < 0.3 * np.asarray(causal['weights'])[bidirectional_rows].sum()
+
+
+def test_hybrid_equals_numpy_reference_from_the_same_key():
+  batch = _packed_batch(b=16, seed=8)
+  key = jax.random.key(14)
+  ex = objectives.hybrid(batch, key, IDS, causal_fraction=0.5, mask_rate=0.3)
+  tokens, seg = np.asarray(batch['tokens']), np.asarray(batch['segment_ids'])
+  r_mode, r_mask = jax.random.split(key)
+  is_causal = np.asarray(jax.random.uniform(r_mode, (16,))) < 0.5
+  assert 0 < is_causal.sum() < 16
+  corrupted, selected = _bert_reference(tokens, seg, r_mask, 0.3)
+  for r in range(16):
+    targets, weights = _next_token_reference(tokens[r], seg[r])
+    if is_causal[r]:
+      want_inputs, want_prefix = tokens[r], np.zeros_like(seg[r], bool)
+    else:  # MNTP: position i predicts token i+1 when token i+1 was selected
+      want_inputs, want_prefix = corrupted[r], seg[r] > 0
+      weights &= np.concatenate([selected[r, 1:], [False]])
+      assert weights.any()
+    np.testing.assert_array_equal(np.asarray(ex['inputs'][r]), want_inputs, err_msg=f'row {r}')
+    np.testing.assert_array_equal(np.asarray(ex['prefix'][r]), want_prefix, err_msg=f'row {r}')
+    _assert_scored(ex, r, targets, weights)
 
 
 def test_unknown_objective_is_a_clear_error():

@@ -340,8 +340,27 @@ def run(advantage, beta, iterations, seed=0):
   return state, history, rollout
 
 
-def test_ppo_raises_toy_reward():
-  _, history, rollout = run('gae', beta=0.02, iterations=16)
+@pytest.fixture(scope='module')
+def gae_run():
+  return run('gae', beta=0.02, iterations=16)
+
+
+@pytest.fixture(scope='module')
+def grpo_run():
+  return run('grpo', beta=0.02, iterations=16)
+
+
+def whiten_numpy(x, mask):
+  m = x[mask].mean()
+  return np.where(mask, (x - m) / np.sqrt(np.mean(np.square(x[mask] - m)) + 1e-8), 0.0)
+
+
+def toy_reward_numpy(response, valid):
+  return ((response == TARGET) & valid).sum(1) / np.maximum(valid.sum(1), 1)
+
+
+def test_ppo_raises_toy_reward(gae_run):
+  _, history, rollout = gae_run
   first = history[0]
   # Old log-probs come from the update's own forward: the first ratio is 1.
   assert first['first_ratio_max_dev'] < 1e-5
@@ -371,11 +390,75 @@ def test_huge_fixed_beta_keeps_the_policy_at_the_reference():
   assert held[-1]['score_mean'] < 0.1
 
 
-def test_grpo_raises_toy_reward():
-  _, history, rollout = run('grpo', beta=0.02, iterations=16)
+def test_gae_iteration_wires_rewards_advantages_and_metrics_as_by_hand(gae_run):
+  """The last iteration's rollout (policy away from the reference, so the KL penalty is
+  not 0) against the PPO recipe redone in numpy from its log-probs, values and tokens."""
+  _, history, rollout = gae_run
+  r = jax.tree.map(np.asarray, rollout)
+  metrics, gen = history[-1], r.generation
+  mask = gen.valid_BxN
+  logp, ref, values = r.logprobs_BxN, r.ref_logprobs_BxN, r.values_BxN
+  assert np.abs(logp - ref)[mask].max() > 1e-3 and mask.sum() > B
+  np.testing.assert_allclose(r.scores_B, toy_reward_numpy(gen.tokens_BxN, mask), rtol=1e-6)
+  # r_j = −β·(log π_old − log π_ref) on valid tokens, the score added on each row's last.
+  beta = metrics['beta']
+  rewards = np.where(mask, -beta * (logp - ref), 0.0)
+  last = mask.sum(1) - 1
+  rewards[np.arange(B), last] += r.scores_B  # no_eos_penalty = 0
+  np.testing.assert_allclose(r.rewards_BxN, rewards, rtol=1e-5, atol=1e-7)
+  advantages, returns = gae_loop(rewards, values, mask, 1.0, 0.95)
+  np.testing.assert_allclose(r.returns_BxN, returns, rtol=1e-4, atol=1e-5)
+  # Advantages whitened over the batch's valid tokens.
+  np.testing.assert_allclose(r.advantages_BxN, whiten_numpy(advantages, mask), rtol=1e-4,
+                             atol=1e-4)
+  # Rollout metrics from the same arrays.
+  kl1, k3 = np.where(mask, logp - ref, 0), np.where(mask, np.exp(ref - logp) - 1 - (ref - logp), 0)
+  for name, want in (('kl_k1', kl1.sum(1).mean()), ('kl_k3', k3.sum(1).mean()),
+                     ('kl_k1_token', kl1[mask].mean()), ('kl_k3_token', k3[mask].mean()),
+                     ('score_mean', r.scores_B.mean()), ('entropy', r.entropy_BxN[mask].mean()),
+                     ('response_length', mask.sum(1).mean()),
+                     ('reward_sum', rewards.sum(1).mean()),
+                     ('value_mean', values[mask].mean()), ('return_mean', returns[mask].mean()),
+                     ('explained_variance',
+                      1 - np.var((returns - values)[mask]) / np.var(returns[mask]))):
+    np.testing.assert_allclose(metrics[name], want, rtol=2e-4, atol=1e-6, err_msg=name)
+
+
+def test_grpo_raises_toy_reward(grpo_run):
+  _, history, rollout = grpo_run
   start = history[0]['score_mean']
   end = np.mean([h['score_mean'] for h in history[-2:]])
   assert end > max(start + 0.3, 5 * start), [h['score_mean'] for h in history]
   assert rollout.values_BxN is None
   adv = np.asarray(rollout.advantages_BxN)[:, 0]
   np.testing.assert_allclose(adv.reshape(-1, 4).sum(1), 0, atol=1e-4)
+
+
+def test_grpo_advantages_in_the_iteration_are_group_normalised_scores(grpo_run):
+  _, history, rollout = grpo_run
+  r = jax.tree.map(np.asarray, rollout)
+  mask = r.generation.valid_BxN
+  scores = toy_reward_numpy(r.generation.tokens_BxN, mask)
+  np.testing.assert_allclose(r.scores_B, scores, rtol=1e-6)
+  groups = scores.reshape(-1, 4)
+  per_row = ((groups - groups.mean(1, keepdims=True)) /
+             (groups.std(1, keepdims=True) + 1e-6)).reshape(-1)
+  assert np.abs(per_row).max() > 0.1  # some group's scores differ
+  np.testing.assert_allclose(r.advantages_BxN, np.where(mask, per_row[:, None], 0.0),
+                             rtol=1e-5, atol=1e-5)
+  logp, ref = r.logprobs_BxN, r.ref_logprobs_BxN
+  k3 = np.exp(ref - logp) - 1 - (ref - logp)
+  np.testing.assert_allclose(history[-1]['kl_k3_token'], k3[mask].mean(), rtol=2e-4)
+
+
+def test_huge_fixed_beta_keeps_the_grpo_policy_at_the_reference(grpo_run):
+  """GRPO's KL is a loss term β·k3 (not a reward): with a huge β it holds the policy."""
+  _, free, _ = grpo_run  # β = 0.02
+  _, held, _ = run('grpo', beta=1e3, iterations=9)
+  assert all(h['beta'] == 1e3 for h in held)
+  # As for PPO, the first update (the first rollout is at the reference, k3's gradient 0
+  # there) moves the policy freely; later ones pull it back.
+  assert held[-1]['kl_k3_token'] < 0.15, [h['kl_k3_token'] for h in held]
+  assert free[8]['kl_k3_token'] > 4 * held[-1]['kl_k3_token'], (
+      [h['kl_k3_token'] for h in free], [h['kl_k3_token'] for h in held])
+  assert held[-1]['kl_loss'] < free[8]['kl_loss']

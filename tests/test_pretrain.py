@@ -100,6 +100,7 @@ def metric_lines(workdir) -> list[str]:
   return (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
 
 
+@pytest.mark.slow
 def test_kill_9_resumes_from_the_last_complete_checkpoint(corpus, reference_run, tmp_path):
   """A real SIGKILL at step 9 (checkpoints every 2): the restart restores the latest
   complete checkpoint, takes only the steps after it, keeps the metric rows up to it
@@ -130,6 +131,7 @@ def test_kill_9_resumes_from_the_last_complete_checkpoint(corpus, reference_run,
   jax.tree.map(np.testing.assert_array_equal, ref, resumed)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
   workdir = tmp_path / 'term'
   proc = subprocess.Popen(pretrain_cmd(workdir, overrides(corpus, steps=400)), cwd=REPO,
@@ -145,6 +147,7 @@ def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
   assert checkpoint_lib.Checkpointer(workdir).latest_step() >= last - 1 > 0
 
 
+@pytest.mark.slow
 def test_checkpoint_from_8_device_mesh_restores_onto_other_meshes(corpus, tmp_path):
   """A 5-step run on a (2,2,2) mesh, its last checkpoint deleted (as if killed after
   step 4's), resumes on three meshes: each takes only step 5, and its loss equals the

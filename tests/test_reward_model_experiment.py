@@ -14,6 +14,7 @@ from configs import reward_model as rm_config
 from experiments import common
 from experiments import loop as loop_lib
 from experiments import reward_model as rm_experiment
+from experiments import reward_model_report
 from research import checkpoint as checkpoint_lib
 from research import model as model_lib
 from research import data as data_lib
@@ -55,6 +56,7 @@ def rm_config_for(path, steps=40):
               train__checkpoint_every=20)
 
 
+@pytest.mark.slow
 def test_reward_model_learns_separable_pairs_loads_back_and_resumes(pretrained, tmp_path):
   data = write_pairs(tmp_path / 'pairs.jsonl', 200)
   config = rm_config_for(data)
@@ -68,7 +70,11 @@ def test_reward_model_learns_separable_pairs_loads_back_and_resumes(pretrained, 
   assert summary['heldout_before']['n'] == 50
   written = json.loads((tmp_path / 'rm' / 'summary.json').read_text())
   assert written['offset'] == pytest.approx(summary['offset'])
-  assert 'Wilson' in (tmp_path / 'rm' / 'report.md').read_text()
+  text = (tmp_path / 'rm' / 'report.md').read_text()
+  assert 'Wilson' in text
+  (tmp_path / 'rm' / 'report.md').unlink()  # rebuilt from the run's files alone
+  assert reward_model_report.main(['report', f'--workdir={tmp_path / "rm"}']) == 0
+  assert (tmp_path / 'rm' / 'report.md').read_text() == text
   rows = [json.loads(l) for l in (tmp_path / 'rm' / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows if 'train/loss' in r] == [1, 5, 10, 15, 20, 25, 30, 35, 40]
 

@@ -97,6 +97,7 @@ def train_rows(workdir):
   return [{k: v for k, v in r.items() if not any(d in k for d in drop)} for r in rows]
 
 
+@pytest.mark.slow
 def test_end_to_end_and_exact_resume(pretrained, tmp_path):
   init = pretrained / 'pretrain'
   full = tmp_path / 'full'

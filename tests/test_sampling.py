@@ -106,12 +106,50 @@ def test_cached_logits_equal_full_forward_at_every_step(overrides, bidirectional
                                err_msg=f'step {t}')
 
 
+def assert_logprobs_are_the_uncached_models(params, out):
+  """Each returned log-prob is the full forward's log-softmax (temperature 1) at the
+  generated token, read from the position before it; 0 where not valid."""
+  new = np.asarray(out.tokens_BxN)
+  seq, seq_lengths = full_sequences(PROMPT, LENGTHS, new)
+  full = np.asarray(full_logits(params, seq, seq_lengths, np.zeros(seq.shape, bool), cfg=CFG))
+  step_logits = full[np.arange(3)[:, None], LENGTHS[:, None] - 1 + np.arange(N)]
+  logp = np.asarray(jax.nn.log_softmax(step_logits, axis=-1))
+  want = np.take_along_axis(logp, new[..., None], -1)[..., 0]
+  valid = np.asarray(out.valid_BxN)
+  np.testing.assert_allclose(np.asarray(out.logprobs_BxN), np.where(valid, want, 0.0), atol=1e-4)
+
+
 def test_greedy_output_identical_with_and_without_cache(params, greedy):
   ref = np.asarray(sampling.greedy_uncached(params, PROMPT, LENGTHS, cfg=CFG, max_new_tokens=N))
   for i, l in enumerate(LENGTHS):
     np.testing.assert_array_equal(np.asarray(greedy.tokens_BxN[i]), ref[i, l:l + N])
   assert np.all(greedy.valid_BxN) and not np.any(greedy.done_B)
   np.testing.assert_array_equal(greedy.lengths_B, [N] * 3)
+  assert_logprobs_are_the_uncached_models(params, greedy)
+
+
+@pytest.mark.parametrize('temperature', [1.0, 1.5])
+def test_sampled_logprobs_equal_the_uncached_forward(params, temperature):
+  for seed in range(2):
+    out = generate(params, seed, temperature=temperature)
+    assert_logprobs_are_the_uncached_models(params, out)
+  assert len(np.unique(np.asarray(out.tokens_BxN))) > 6  # it sampled
+
+
+def test_complete_equals_uncached_greedy_cut_after_eos(params, greedy):
+  ref = np.asarray(sampling.greedy_uncached(params, PROMPT, LENGTHS, cfg=CFG, max_new_tokens=N))
+  tokens = np.asarray(greedy.tokens_BxN)
+  eos = int(tokens[0, 3])  # row 0 stops at (or before) its 4th new token
+  prompts = [list(PROMPT[i, :l]) for i, l in enumerate(LENGTHS)]
+  # batch_size 2: two batches, the second padded with an empty row.
+  out = sampling.complete(params, CFG, prompts, max_new_tokens=N, eos_id=eos, batch_size=2)
+  assert len(out) == 3
+  for i, l in enumerate(LENGTHS):
+    want = [int(t) for t in ref[i, l:l + N]]
+    if eos in want:
+      want = want[:want.index(eos) + 1]  # eos included
+    assert out[i] == want, (i, out[i], want)
+  assert out[0][-1] == eos and len(out[0]) <= 4
 
 
 def test_mixed_prompt_lengths_batch_equals_one_by_one(params, greedy):
@@ -243,6 +281,34 @@ def test_generate_with_sharded_params_matches_one_device(params):
 
 
 SHARDED_SEED = 5
+
+
+@pytest.fixture(scope='module')
+def pretrain_workdir(tmp_path_factory):
+  from tests.test_pretrain import tiny_pretrain_workdir  # pylint: disable=g-import-not-at-top
+  return tiny_pretrain_workdir(tmp_path_factory.mktemp('sample'), seq_len=32, d_model=32,
+                               num_layers=1, steps=2)
+
+
+def test_sample_script_prints_greedy_continuations_and_fills(pretrain_workdir):
+  from research import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  prompts = ['The nation', 'Peace and']
+  cmd = [sys.executable, '-m', 'experiments.sample', f'--workdir={pretrain_workdir}',
+         '--max_new_tokens=6', '--temperature=0', '--top_p=1',
+         '--fill=the <mask> people', '--fill_mode=one_pass'] + [f'--prompt={p}' for p in prompts]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  params, config, tokenizer = checkpoint_lib.load_stage(pretrain_workdir)
+  cfg = model_lib.TransformerConfig.from_dict(config['model'])
+  texts = sampling.greedy_texts(params, cfg, tokenizer, prompts, max_new_tokens=6)
+  for p, text in zip(prompts, texts):
+    assert f'{p!r} -> {text!r}' in out.stdout, (p, text, out.stdout)
+  assert "'the <mask> people' -> '" in out.stdout, out.stdout
+  # A folder without a checkpoint: one line on stderr, exit 2.
+  bad = subprocess.run([sys.executable, '-m', 'experiments.sample',
+                        f'--workdir={pretrain_workdir}/missing', '--prompt=x'], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 2 and bad.stderr.startswith('error: '), bad.stderr[-2000:]
 
 
 def _generate_sharded():

@@ -5,6 +5,7 @@ import pathlib
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from configs import scaling as scaling_config
 from experiments import scaling
@@ -12,8 +13,10 @@ from experiments import scaling_fit as scaling_fit_exp
 from research import scaling_fit as sf
 from tests.test_pretrain import write_corpus
 
-# Besiroglu et al. 2024's refit of Chinchilla: a = β/(α+β) ≈ 0.513.
-TRUE = sf.Law(E=1.82, A=482.0, B=2085.0, alpha=0.3478, beta=0.3658)
+# Hoffmann et al. 2022's approach-3 law: a = β/(α+β) ≈ 0.452, b ≈ 0.548. The exponents
+# differ by much more than the tests' tolerance (0.03), so swapping a and b is caught
+# (Besiroglu et al.'s refit, α ≈ β, gives a ≈ 0.513 and b ≈ 0.487: too close).
+TRUE = sf.Law(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 
 
 def isoflop_runs(law, budgets, sizes=7, span=1.5, noise=0.005, seed=0, k=6.0):
@@ -80,6 +83,24 @@ def test_bootstrap_intervals_cover_the_truth(synthetic, law_fit):
     assert 0 < iv[key]['se'] < 0.05
   lo, hi = iv[(1e22, 'n')]['ci']
   assert lo < law_fit.law.compute_optimal(1e22)['n'] < hi
+  # Resampled fits differ (the intervals have width) and bracket the full-data fit.
+  for key in ('alpha', 'beta', 'a', 'b', 'E'):
+    lo, hi = iv[key]['ci']
+    assert iv[key]['num'] == 30 and hi - lo > 1e-4, (key, iv[key])
+    assert lo < getattr(law_fit.law, key) < hi, (key, iv[key])
+
+
+def test_compute_optimal_exponents_are_beta_and_alpha_over_their_sum():
+  assert TRUE.a == pytest.approx(0.28 / 0.62) and TRUE.b == pytest.approx(0.34 / 0.62)
+  assert TRUE.a + TRUE.b == pytest.approx(1.0) and TRUE.b - TRUE.a > 0.06
+  # N_opt and D_opt grow as C^a and C^b: a 10x budget multiplies them by 10^a and 10^b.
+  low, high = TRUE.compute_optimal(1e20), TRUE.compute_optimal(1e21)
+  assert np.log10(high['n'] / low['n']) == pytest.approx(TRUE.a, rel=1e-9)
+  assert np.log10(high['d'] / low['d']) == pytest.approx(TRUE.b, rel=1e-9)
+  # The minimum of L(N, C / 6N) over a fine grid of N is at compute_optimal's N.
+  n = np.exp(np.linspace(np.log(low['n']) - 2, np.log(low['n']) + 2, 4001))
+  best = n[np.argmin(TRUE.loss(n, 1e20 / (6 * n)))]
+  assert best == pytest.approx(low['n'], rel=2e-3)
 
 
 def test_compute_optimal_is_the_minimum_on_the_budget():
@@ -99,6 +120,40 @@ def test_approach2_recovers_the_exponent(synthetic):
   assert abs(r['a']['slope'] - TRUE.a) < 0.03, r['a']
   assert abs(r['b']['slope'] - TRUE.b) < 0.03, r['b']
   assert r['a']['ci'][0] < r['a']['slope'] < r['a']['ci'][1]
+
+
+def test_approach2_bootstrap_intervals_have_width_and_contain_the_estimate(synthetic):
+  n, d, c, loss = synthetic
+  point = sf.approach2(n, d, c, loss)
+  samples = sf.approach2_bootstrap(n, d, c, loss, 40, seed=0)
+  assert samples.shape == (40, 2) and np.isfinite(samples).mean() > 0.9
+  for col, key in enumerate(('a', 'b')):
+    iv = sf.interval(samples[:, col])
+    lo, hi = iv['ci']
+    assert hi - lo > 1e-3 and iv['se'] > 1e-4, (key, iv)  # resampling moves the fit
+    assert lo < point[key]['slope'] < hi, (key, iv, point[key]['slope'])
+    assert abs(np.nanmedian(samples[:, col]) - getattr(TRUE, key)) < 0.03, key
+  # Another seed draws other resamples.
+  assert not np.allclose(samples, sf.approach2_bootstrap(n, d, c, loss, 40, seed=1),
+                         equal_nan=True)
+
+
+def test_power_law_and_interval_against_scipy_and_hand_values():
+  rng = np.random.default_rng(0)
+  c = np.logspace(18, 22, 6)
+  y = 3e-2 * c ** 0.45 * np.exp(rng.normal(0, 0.05, 6))
+  fit = sf.power_law(c, y)
+  ref = scipy.stats.linregress(np.log(c), np.log(y))
+  assert fit['slope'] == pytest.approx(ref.slope, rel=1e-9)
+  assert fit['coef'] == pytest.approx(np.exp(ref.intercept), rel=1e-9)
+  assert fit['se'] == pytest.approx(ref.stderr, rel=1e-9)
+  half = scipy.stats.t.ppf(0.975, 4) * ref.stderr
+  assert fit['ci'] == pytest.approx((ref.slope - half, ref.slope + half), rel=1e-9)
+  # Percentile interval: 2.5% and 97.5% of 0..1000 are 25 and 975; NaNs dropped.
+  iv = sf.interval(np.append(np.arange(1001.0), np.nan))
+  assert iv['num'] == 1001 and iv['ci'] == pytest.approx((25.0, 975.0))
+  assert iv['se'] == pytest.approx(np.std(np.arange(1001.0), ddof=1))
+  assert sf.interval(np.arange(1001.0), level=0.5)['ci'] == pytest.approx((250.0, 750.0))
 
 
 def test_edge_optima_are_flagged_and_left_out():

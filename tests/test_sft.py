@@ -54,6 +54,7 @@ def test_supervised_objective_scores_only_marked_next_tokens():
   np.testing.assert_array_equal(ex['targets'][0, :5], tokens[0, 1:])
 
 
+@pytest.mark.slow
 def test_sft_lowers_heldout_assistant_loss_and_resumes(pretrained, tmp_path):
   init = pretrained / 'pretrain'
   params0, init_config, tok = checkpoint_lib.load_stage(init)

@@ -353,25 +353,9 @@ def pretrain_config(shards_spec, steps=6, **extra):
   return config
 
 
-@pytest.fixture
-def compile_cache(tmp_path):
-  """JAX's persistent compilation cache in tmp_path for one test: the three runs below
-  compile the same programs, so the second and third load them (about 20 s -> 3 s)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  old = {n: getattr(jax.config, n) for n in names}
-  for n, v in zip(names, (str(tmp_path / 'jax_cache'), 0, 0)):
-    jax.config.update(n, v)
-  compilation_cache.reset_cache()  # read the settings again at the next compile
-  yield
-  for n, v in old.items():
-    jax.config.update(n, v)
-  compilation_cache.reset_cache()
-
-
-def test_pretraining_on_a_mixture_resumes_exactly(prepared, second, tmp_path, compile_cache):
+def test_pretraining_on_a_mixture_resumes_exactly(prepared, second, tmp_path):
+  """Three short runs of the same programs: the session's compilation cache (conftest)
+  makes the second and third cheap."""
   from experiments import loop as loop_lib  # pylint: disable=g-import-not-at-top
   from experiments import pretrain  # pylint: disable=g-import-not-at-top
   spec = f'{prepared}:0.7,{second}:0.3'

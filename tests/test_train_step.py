@@ -38,7 +38,10 @@ def _batch(seed=0):
   return dict(tokens=tokens, segment_ids=seg, positions=pos)
 
 
-def run_steps(mesh_shape, objective='causal', steps=5, cfg=CFG, lr=3e-3, grad_accum=1):
+def run_steps(mesh_shape, objective='causal', steps=5, cfg=CFG, lr=3e-3, grad_accum=1,
+              record=None):
+  """Trains `steps` steps on `_batch()`; with a dict `record`, also keeps every step's
+  metrics and a copy of the params before the first step and after each one."""
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
   model = model_lib.Transformer(cfg)
   tx, schedule = train_lib.make_optimizer(
@@ -49,10 +52,40 @@ def run_steps(mesh_shape, objective='causal', steps=5, cfg=CFG, lr=3e-3, grad_ac
       train_lib.make_train_step(model, tx, schedule, objectives.get_objective(objective), IDS,
                                 z_loss=1e-4, grad_accum_steps=grad_accum), shardings, mesh)
   losses = []
+  copy = lambda tree: jax.tree.map(np.array, tree)  # the step donates the state
+  if record is not None:
+    record.update(params=[copy(state.params)], metrics=[])
   for _ in range(steps):
     state, metrics = step(state, _batch(), jax.random.key(1))
     losses.append(float(metrics['loss']))
+    if record is not None:
+      record['params'].append(copy(state.params))
+      record['metrics'].append(copy(metrics))
   return losses, metrics, state
+
+
+@pytest.fixture(scope='module')
+def three_causal_steps():
+  """Three causal steps (lr 3e-3, warmup 2, z-loss 1e-4) with every metric and params."""
+  record = {}
+  losses, metrics, state = run_steps((1, 1, 1), steps=3, record=record)
+  return losses, metrics, state, record
+
+
+def _hand_mean_loss(params, batch, z_loss):
+  """The per-token mean of cross-entropy + z_loss·log²Z over scored next tokens, written
+  plainly (full logits, log-sum-exp): what the train step's gradient is the gradient of.
+  -> (loss, (mean cross-entropy, mean z term, accuracy))."""
+  ex = objectives.causal(batch, None, IDS)
+  hidden, _ = model_lib.Transformer(CFG).apply(
+      {'params': params}, ex['inputs'], ex['positions'], ex['segment_ids'], ex['prefix'])
+  logits = jnp.einsum('bld,vd->blv', hidden, params['embed'])
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  nll = log_z - jnp.take_along_axis(logits, ex['targets'][..., None], axis=-1)[..., 0]
+  w = ex['weights']
+  mean = lambda x: jnp.sum(x * w) / jnp.sum(w)
+  correct = (jnp.argmax(logits, axis=-1) == ex['targets']).astype(jnp.float32)
+  return mean(nll + z_loss * log_z ** 2), (mean(nll), mean(z_loss * log_z ** 2), mean(correct))
 
 
 @pytest.mark.parametrize('objective', ['causal', 'masked', 'prefix', 'span', 'hybrid'])
@@ -64,19 +97,83 @@ def test_every_objective_overfits_one_batch(objective):
   assert metrics['loss_tokens'] > 0 and 0 <= metrics['accuracy'] <= 1
 
 
-def test_gradient_accumulation_matches_one_big_batch():
-  one, _, _ = run_steps((1, 1, 1), steps=3)
-  accumulated, _, _ = run_steps((1, 1, 1), steps=3, grad_accum=4)
+def test_gradient_accumulation_matches_one_big_batch(three_causal_steps):
+  one, _, _, record = three_causal_steps
+  accumulated_record = {}
+  accumulated, _, _ = run_steps((1, 1, 1), steps=3, grad_accum=4, record=accumulated_record)
   np.testing.assert_allclose(one, accumulated, rtol=1e-5)
+  # Adam is nearly blind to the gradient's scale, so compare the gradients themselves:
+  # microbatch gradients are summed, then divided by all scored tokens once.
+  for key in ('grad_norm', 'loss_tokens', 'z_loss', 'accuracy'):
+    np.testing.assert_allclose([m[key] for m in accumulated_record['metrics']],
+                               [m[key] for m in record['metrics']], rtol=1e-5, err_msg=key)
 
 
-def test_metrics_and_learning_rate_schedule():
-  _, metrics, state = run_steps((1, 1, 1), steps=3)
+def test_metrics_and_learning_rate_schedule(three_causal_steps):
+  _, metrics, state, record = three_causal_steps
   assert int(state.step) == 3
   for key in ('loss', 'accuracy', 'grad_norm', 'learning_rate', 'loss_tokens', 'z_loss'):
     assert np.isfinite(metrics[key]), key
   # 8 rows x 31 scorable positions, minus padding (5) and the boundary between documents.
   assert metrics['loss_tokens'] == B * (L - 2) - 5
+  # Warmup from 0 over 2 steps to the peak 3e-3: each step reports the rate it used.
+  np.testing.assert_allclose([float(m['learning_rate']) for m in record['metrics']],
+                             [0.0, 1.5e-3, 3e-3], rtol=1e-6, atol=0)
+  # Rate 0 (AdamW's decay is scaled by it too): the first step leaves the params alone.
+  jax.tree.map(np.testing.assert_array_equal, record['params'][1], record['params'][0])
+
+
+def test_schedule_values_at_start_warmup_and_end():
+  cfg = train_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=10, total_steps=50,
+                                  final_lr_fraction=0.1)
+  schedule = train_lib.make_schedule(cfg)
+  at = lambda t: float(schedule(t))
+  assert at(0) == 0.0
+  np.testing.assert_allclose([at(5), at(10)], [5e-4, 1e-3], rtol=1e-6)  # linear warmup
+  # Cosine from the peak at step 10 to 10% of it at step 50, then flat.
+  for t in (20, 30, 45):
+    want = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + np.cos(np.pi * (t - 10) / 40))
+    np.testing.assert_allclose(at(t), want, rtol=1e-5)
+  np.testing.assert_allclose([at(50), at(80)], [1e-4, 1e-4], rtol=1e-5)
+  # A warmup as long as the run is cut to total - 1 steps: the peak is still reached.
+  short = train_lib.make_schedule(train_lib.OptimizerConfig(learning_rate=2e-3,
+                                                            warmup_steps=100, total_steps=5))
+  np.testing.assert_allclose([float(short(t)) for t in (0, 2, 4, 5)],
+                             [0.0, 1e-3, 2e-3, 2e-4], rtol=1e-5)
+
+
+def test_loss_gradient_and_update_equal_a_hand_computation(three_causal_steps):
+  """Metrics of the first step against a plain per-token-mean loss; the second step's
+  update against AdamW written out."""
+  _, _, _, record = three_causal_steps
+  params0, first = record['params'][0], record['metrics'][0]
+  batch = jax.tree.map(jnp.asarray, _batch())
+  (_, (nll, z_term, accuracy)), grads = jax.jit(jax.value_and_grad(
+      _hand_mean_loss, has_aux=True), static_argnums=2)(params0, batch, 1e-4)
+  np.testing.assert_allclose(first['loss'], nll, rtol=1e-5)  # the z term is reported apart
+  np.testing.assert_allclose(first['z_loss'], z_term, rtol=1e-4)
+  np.testing.assert_allclose(first['accuracy'], accuracy, rtol=1e-6)
+  grad_norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
+  np.testing.assert_allclose(first['grad_norm'], grad_norm, rtol=1e-4)
+  # The z-loss is part of what is differentiated (0.1 makes its gradient visible).
+  model, example = model_lib.Transformer(CFG), objectives.causal(batch, None, IDS)
+  summed = jax.grad(lambda p: train_lib.loss_sums(p, model, example, 0.1)[0])(params0)
+  by_hand = jax.grad(lambda p: _hand_mean_loss(p, batch, 0.1)[0])(params0)
+  n = float(jnp.sum(example['weights']))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a / n, b, atol=1e-6, rtol=0), summed,
+               by_hand)
+  # Step 1 sees the same params and batch, so the same gradient g: Adam's two bias-corrected
+  # moments are g and g², the update -lr·(g/(|g| + eps) + wd·p) at lr 1.5e-3 (clipping
+  # rescales g, which this ratio ignores up to eps); no decay on norm scales.
+  np.testing.assert_allclose(record['metrics'][1]['grad_norm'], grad_norm, rtol=1e-4)
+  decays = train_lib.decay_mask(params0)
+
+  def expected(p, g, decay):
+    g = g * min(1.0, 1.0 / grad_norm)
+    return p - 1.5e-3 * (g / (np.abs(g) + 1e-8) + (0.1 * p if decay else 0.0))
+  want = jax.tree.map(expected, params0, grads, decays)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=0),
+               record['params'][2], want)
 
 
 def test_no_weight_decay_on_norms():

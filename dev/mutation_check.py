@@ -1,0 +1,306 @@
+"""Mutation check: do the tests catch the bugs they are meant to protect against?
+
+Each entry of MUTATIONS puts one small, deliberate bug into one file (a textual
+replacement of a snippet that must occur exactly once, so a stale entry fails loudly),
+runs the tests named for it in a subprocess and restores the file (in a `finally`, so
+also on Ctrl-C). A mutation is *caught* when those tests fail, *survived* when they
+pass; anything else (a collection error, no test selected) is an *error*.
+
+  python dev/mutation_check.py            # every mutation; exit 1 if any survived
+  python dev/mutation_check.py --list     # names, files and tests
+  python dev/mutation_check.py --only NAME [--only NAME ...]
+  python dev/mutation_check.py --clean    # first run each entry's tests unmutated
+
+Not run by CI and not collected by pytest (dev/ is outside tests/). Run it from the
+repository root with the project's venv active. To add an entry, append a `Mutation`
+to MUTATIONS: its `tests` are pytest arguments (node ids, files, '-k', 'expr').
+"""
+import argparse
+import dataclasses
+import pathlib
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+  name: str
+  file: str  # relative to the repository root
+  old: str  # must occur exactly once in the file
+  new: str
+  tests: tuple  # pytest arguments selecting the tests that should catch it
+  kind: str = ''  # the family of tests it checks (for the table)
+
+
+MUTATIONS = [
+    # --- objectives: alignment of targets, exact corruption -----------------------------
+    Mutation('span_drop_shift', 'research/objectives.py',
+             "targets = jnp.concatenate([out[1:], jnp.full((1,), ids.pad, tokens.dtype)])",
+             "targets = out",
+             ('tests/test_objectives.py', '-k', 'span'), 'objectives'),
+    Mutation('hybrid_drop_shift', 'research/objectives.py',
+             "selected_next = jnp.concatenate([selected[:, 1:], jnp.zeros_like(selected[:, :1])], axis=1)",
+             "selected_next = selected",
+             ('tests/test_objectives.py', '-k', 'hybrid'), 'objectives'),
+    Mutation('hybrid_causal_rows_corrupted', 'research/objectives.py',
+             "inputs=jnp.where(c, tokens, corrupted)", "inputs=corrupted",
+             ('tests/test_objectives.py', '-k', 'hybrid'), 'objectives'),
+    Mutation('bert_fewer_random_replacements', 'research/objectives.py',
+             "(kind >= 0.8) & (kind < 0.9)", "(kind >= 0.8) & (kind < 0.85)",
+             ('tests/test_objectives.py', '-k', 'masked'), 'objectives'),
+    Mutation('prefix_lm_split_per_token', 'research/objectives.py',
+             "frac = jnp.take_along_axis(u_BxL, seg, axis=1)", "frac = jnp.roll(u_BxL, 1, axis=0)",
+             ('tests/test_objectives.py', '-k', 'prefix'), 'objectives'),
+
+    # --- train step: numbers against hand computations ----------------------------------
+    Mutation('grad_summed_not_averaged', 'research/train_step.py',
+             "grads = jax.tree.map(lambda g: g / n, grads)", "grads = grads",
+             ('tests/test_train_step.py', '-k', 'hand or accumulation'), 'train_step'),
+    Mutation('lr_schedule_no_final_fraction', 'research/train_step.py',
+             "end_value=cfg.learning_rate * cfg.final_lr_fraction",
+             "end_value=cfg.learning_rate * 0.0",
+             ('tests/test_train_step.py', '-k', 'schedule'), 'train_step'),
+    Mutation('lr_metric_one_step_ahead', 'research/train_step.py',
+             "learning_rate=schedule(state.step)", "learning_rate=schedule(state.step + 1)",
+             ('tests/test_train_step.py', '-k', 'schedule'), 'train_step'),
+    Mutation('z_loss_not_differentiated', 'research/train_step.py',
+             "return loss + z, dict(loss_sum=loss + z,", "return loss, dict(loss_sum=loss + z,",
+             ('tests/test_train_step.py', '-k', 'hand'), 'train_step'),
+    Mutation('loss_metric_includes_z', 'research/train_step.py',
+             "metrics = dict(loss=(sums['loss_sum'] - sums['z_loss_sum']) / n,",
+             "metrics = dict(loss=sums['loss_sum'] / n,",
+             ('tests/test_train_step.py', '-k', 'hand'), 'train_step'),
+    Mutation('accumulation_averages_microbatches', 'research/train_step.py',
+             "return jax.tree.map(jnp.add, carry, (g, s)), None",
+             "return jax.tree.map(jnp.add, carry, (jax.tree.map(lambda x: x / grad_accum_steps, g), s)), None",
+             ('tests/test_train_step.py', '-k', 'accumulation'), 'train_step'),
+    Mutation('no_weight_decay_mask', 'research/train_step.py',
+             "weight_decay=cfg.weight_decay,\n                  mask=decay_mask)",
+             "weight_decay=cfg.weight_decay)",
+             ('tests/test_train_step.py', '-k', 'hand'), 'train_step'),
+
+    # --- PPO / GRPO: wiring inside make_ppo_iteration ------------------------------------
+    Mutation('drop_advantage_whitening', 'research/ppo.py',
+             "      if cfg.whiten_advantages:\n        advantages = whiten(advantages, mask_BxN)",
+             "      pass",
+             ('tests/test_ppo.py', '-k', 'gae_iteration'), 'ppo'),
+    Mutation('grpo_kl_sign_flipped', 'research/ppo.py',
+             "total = total + beta * kl", "total = total - beta * kl",
+             ('tests/test_ppo.py', '-k', 'huge_fixed_beta_keeps_the_grpo'), 'ppo'),
+    Mutation('rewards_use_config_beta', 'research/ppo.py',
+             "rewards = token_rewards(score_B, logp_old, ref_logp, mask_BxN, beta, gen.done_B,",
+             "rewards = token_rewards(score_B, logp_old, ref_logp, mask_BxN, cfg.beta, gen.done_B,",
+             ('tests/test_ppo.py', '-k', 'gae_iteration'), 'ppo'),
+    Mutation('gae_gamma_lambda_swapped', 'research/ppo.py',
+             "gae(rewards, values, mask_BxN, cfg.gamma, cfg.lam)",
+             "gae(rewards, values, mask_BxN, cfg.lam, cfg.gamma)",
+             ('tests/test_ppo.py', '-k', 'gae_iteration'), 'ppo'),
+    Mutation('grpo_no_eos_penalty_on_wrong_rows', 'research/ppo.py',
+             "final_B = score_B - cfg.no_eos_penalty * (~gen.done_B).astype(F32)",
+             "final_B = score_B - 0.5 * (~gen.done_B).astype(F32)",
+             ('tests/test_ppo.py', '-k', 'grpo_advantages_in_the_iteration'), 'ppo'),
+
+    # --- evaluation: each metric against a brute-force forward ---------------------------
+    Mutation('cloze_readout_reversed', 'research/evaluation.py',
+             "jnp.where(read_next, shifted_BxL, pred_BxL)", "jnp.where(read_next, pred_BxL, shifted_BxL)",
+             ('tests/test_evaluation.py', '-k', 'cloze'), 'evaluation'),
+    Mutation('causal_loss_bidirectional', 'research/evaluation.py',
+             "example = objectives.causal(batch, None, None)",
+             "example = dict(objectives.causal(batch, None, None), prefix=batch['segment_ids'] > 0)",
+             ('tests/test_evaluation.py', '-k', 'causal_loss'), 'evaluation'),
+    Mutation('pll_readout_reversed', 'research/evaluation.py',
+             "reads.append(t_N - (1 if readout == 'next' else 0))",
+             "reads.append(t_N - (0 if readout == 'next' else 1))",
+             ('tests/test_evaluation.py', '-k', 'pseudo'), 'evaluation'),
+    Mutation('choice_causal_read_in_place', 'research/evaluation.py',
+             "jnp.take_along_axis(log_p_BxLxV[:, :-1], tokens_BxL[:, 1:, None], axis=2)",
+             "jnp.take_along_axis(log_p_BxLxV[:, 1:], tokens_BxL[:, 1:, None], axis=2)",
+             ('tests/test_evaluation.py', '-k', 'choice'), 'evaluation'),
+    Mutation('choice_accuracy_ties_count_right', 'research/evaluation.py',
+             "correct = int(np.sum((best == np.asarray(labels_N)) & unique))",
+             "correct = int(np.sum(best == np.asarray(labels_N)))",
+             ('tests/test_evaluation.py', '-k', 'choice'), 'evaluation'),
+
+    # --- scaling fits and intervals -------------------------------------------------------
+    Mutation('compute_optimal_a_b_swapped', 'research/scaling_fit.py',
+             "    return self.beta / (self.alpha + self.beta)\n\n  @property\n  def b(self) -> float:\n"
+             "    \"\"\"D_opt ∝ C^b.\"\"\"\n    return self.alpha / (self.alpha + self.beta)",
+             "    return self.alpha / (self.alpha + self.beta)\n\n  @property\n  def b(self) -> float:\n"
+             "    \"\"\"D_opt ∝ C^b.\"\"\"\n    return self.beta / (self.alpha + self.beta)",
+             ('tests/test_scaling_fit.py', '-k', 'approach2_recovers or exponents or minimum'),
+             'scaling_fit'),
+    Mutation('approach2_bootstrap_without_resampling', 'research/scaling_fit.py',
+             "idx = np.concatenate([rng.choice(g, len(g)) for g in groups])",
+             "idx = np.concatenate(groups)",
+             ('tests/test_scaling_fit.py', '-k', 'approach2_bootstrap'), 'scaling_fit'),
+    Mutation('approach2_b_from_n_opt', 'research/scaling_fit.py',
+             "b=power_law(cs, [f.d_opt for f in good])", "b=power_law(cs, [f.n_opt for f in good])",
+             ('tests/test_scaling_fit.py', '-k', 'approach2_recovers'), 'scaling_fit'),
+    Mutation('power_law_se_wrong_dof', 'research/scaling_fit.py',
+             "resid @ resid / (m - 2)", "resid @ resid / (m - 1)",
+             ('tests/test_scaling_fit.py', '-k', 'power_law'), 'scaling_fit'),
+    Mutation('interval_90_percent', 'research/scaling_fit.py',
+             "np.percentile(s, [50 * (1 - level), 50 * (1 + level)])",
+             "np.percentile(s, [100 * (1 - level), 100 * level])",
+             ('tests/test_scaling_fit.py', '-k', 'power_law'), 'scaling_fit'),
+
+    # --- sampling log-probs ---------------------------------------------------------------
+    Mutation('decode_position_off_by_one', 'research/sampling.py',
+             "decode_step(params, token_B, lengths_B + t - 1, cache, cfg=cfg)",
+             "decode_step(params, token_B, lengths_B + t, cache, cfg=cfg)",
+             ('tests/test_sampling.py', '-k', 'greedy_output or sampled_logprobs'), 'sampling'),
+    Mutation('logprob_of_tempered_logits', 'research/sampling.py',
+             "logprob_B = jnp.take_along_axis(logits_BxV, token_B[:, None], axis=-1)[:, 0] - log_z_B",
+             "logprob_B = jax.nn.log_softmax(tempered_BxV)[jnp.arange(token_B.shape[0]), token_B]",
+             ('tests/test_sampling.py', '-k', 'sampled_logprobs'), 'sampling'),
+
+    # --- code that was never run ----------------------------------------------------------
+    Mutation('complete_drops_eos', 'research/sampling.py',
+             "outputs.extend(list(map(int, tokens[i, :n[i]])) for i in range(len(chunk)))",
+             "outputs.extend(list(map(int, tokens[i, :n[i] - 1])) for i in range(len(chunk)))",
+             ('tests/test_sampling.py', '-k', 'complete'), 'never_run'),
+    Mutation('complete_prompt_length_off', 'research/sampling.py',
+             "      lengths[i] = len(p)\n", "      lengths[i] = max(len(p) - 1, 1)\n",
+             ('tests/test_sampling.py', '-k', 'complete'), 'never_run'),
+    Mutation('sample_script_ignores_temperature', 'experiments/sample.py',
+             "pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k,",
+             "pad_id=tokenizer.pad_id, temperature=1.0, top_k=top_k,",
+             ('tests/test_sampling.py', '-k', 'sample_script'), 'never_run'),
+    Mutation('bf16_silently_float32', 'research/kernels.py',
+             "  if compute_dtype == F32:\n    return x.astype(F32)",
+             "  if True:\n    return x.astype(F32)",
+             ('tests/test_model.py', '-k', 'bfloat16'), 'never_run'),
+    Mutation('remat_dots_rejected', 'research/model.py',
+             "('remat', ('none', 'full', 'dots'))", "('remat', ('none', 'full'))",
+             ('tests/test_model.py', '-k', 'remat_gives'), 'never_run'),
+    Mutation('piqa_solutions_swapped', 'experiments/compare_objectives.py',
+             "return [(e['goal'], e['sol1'], e['sol2']) for e in examples]",
+             "return [(e['goal'], e['sol2'], e['sol1']) for e in examples]",
+             ('tests/test_compare_objectives.py', '-k', 'piqa'), 'never_run'),
+    Mutation('piqa_labels_not_truncated', 'experiments/compare_objectives.py',
+             "examples, labels = examples[:max_examples], labels[:max_examples]",
+             "examples = examples[:max_examples]",
+             ('tests/test_compare_objectives.py', '-k', 'piqa'), 'never_run'),
+    # --- resume: a resumed run must be shown to have resumed -----------------------------
+    # Restore switched off entirely: every stage's resume test must fail (a run that
+    # silently retrains from step 0 ends with the same numbers, so equal results alone
+    # cannot tell; the tests assert the restored step and the steps taken).
+    *[Mutation(f'restore_off_{stage}', 'experiments/loop.py',
+               "    latest = self.ckpt.latest_step()\n    if latest is None:\n",
+               "    latest = None\n    if latest is None:\n", tests, 'resume')
+      for stage, tests in (
+          ('pretrain', ('tests/test_pretrain.py', '-k', 'kill_9')),
+          ('cross_mesh', ('tests/test_pretrain.py', '-k', 'mesh')),
+          ('sft', ('tests/test_sft.py', '-k', 'resumes')),
+          ('reward_model', ('tests/test_reward_model_experiment.py', '-k', 'resumes')),
+          ('rlhf', ('tests/test_rlhf.py', '-k', 'resume')),
+          ('pipeline', ('tests/test_pipeline.py', '-k', 'kill')))],
+    Mutation('restored_state_ignored', 'experiments/loop.py',
+             "      state = restored.state\n    elif init_params is not None:",
+             "      state = train_lib.make_train_state(model, tx, mesh, train_lib.init_rng("
+             "config['seed']), dc['batch_size'], dc['seq_len'])\n    elif init_params is not None:",
+             ('tests/test_pretrain.py', '-k', 'kill_9'), 'resume'),
+    Mutation('grain_iterator_not_restored', 'experiments/loop.py',
+             "                                    data_iterator if grain_iter else None)",
+             "                                    None)",
+             ('tests/test_pretrain.py', '-k', 'kill_9'), 'resume'),
+    Mutation('sampler_position_not_restored_rm', 'experiments/loop.py',
+             "      data_iterator.set_state(meta[_DATA_STATE])", "      pass",
+             ('tests/test_reward_model_experiment.py', '-k', 'resumes'), 'resume'),
+    Mutation('prompt_position_not_restored_rlhf', 'experiments/loop.py',
+             "      data_iterator.set_state(meta[_DATA_STATE])", "      pass",
+             ('tests/test_rlhf.py', '-k', 'resume'), 'resume'),
+    Mutation('metrics_not_truncated', 'experiments/loop.py',
+             "    truncate_metrics(self.workdir, latest)\n", "",
+             ('tests/test_pretrain.py', '-k', 'kill_9'), 'resume'),
+    Mutation('rlhf_evals_not_restored', 'experiments/rlhf.py',
+             "      evals, timing = restored.meta['evals'], restored.meta['timing']",
+             "      pass", ('tests/test_rlhf.py', '-k', 'resume'), 'resume'),
+    Mutation('final_checkpoint_skipped', 'experiments/loop.py',
+             "      if interrupted or self.save_final:\n        checkpoint(step)",
+             "      if interrupted:\n        checkpoint(step)",
+             ('tests/test_sft.py', '-k', 'resumes'), 'resume'),
+]
+
+
+def apply(m: Mutation) -> str:
+  """Writes the mutated file; returns the original text (to restore)."""
+  path = REPO / m.file
+  text = path.read_text()
+  count = text.count(m.old)
+  if count != 1:
+    raise SystemExit(f'mutation {m.name}: the old snippet occurs {count} times in {m.file} '
+                     f'(expected exactly once); update the entry')
+  path.write_text(text.replace(m.old, m.new))
+  return text
+
+
+def run_tests(tests) -> tuple[int, str]:
+  cmd = [sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider', *tests]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  return out.returncode, (out.stdout + out.stderr).strip().splitlines()[-1:]
+
+
+def outcome(returncode: int) -> str:
+  return {0: 'survived', 1: 'caught'}.get(returncode, f'error (pytest exit {returncode})')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--list', action='store_true', help='list the mutations and exit')
+  parser.add_argument('--only', action='append', default=[], metavar='NAME',
+                      help='run only this mutation (repeatable)')
+  parser.add_argument('--clean', action='store_true',
+                      help="first run each mutation's tests on the unmutated code")
+  args = parser.parse_args()
+  names = [m.name for m in MUTATIONS]
+  if len(set(names)) != len(names):
+    raise SystemExit('mutation names must be unique')
+  unknown = set(args.only) - set(names)
+  if unknown:
+    raise SystemExit(f'unknown mutation(s) {sorted(unknown)}; see --list')
+  chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+  if args.list:
+    for m in chosen:
+      print(f'{m.name:36s} {m.kind:12s} {m.file:28s} {" ".join(m.tests)}')
+    return 0
+  for m in chosen:  # fail before running anything if an entry is stale
+    count = (REPO / m.file).read_text().count(m.old)
+    if count != 1:
+      raise SystemExit(f'mutation {m.name}: the old snippet occurs {count} times in {m.file}')
+
+  rows, start = [], time.time()
+  for m in chosen:
+    if args.clean:
+      code, tail = run_tests(m.tests)
+      if code != 0:
+        print(f'{m.name}: its tests fail on the unmutated code: {tail}', flush=True)
+        rows.append((m, 'error (fails unmutated)', 0.0))
+        continue
+    t0 = time.time()
+    original = apply(m)
+    try:
+      code, tail = run_tests(m.tests)
+    finally:
+      (REPO / m.file).write_text(original)
+    result = outcome(code)
+    rows.append((m, result, time.time() - t0))
+    print(f'{m.name:36s} {result:10s} {time.time() - t0:6.1f}s  {" ".join(tail)}', flush=True)
+
+  print()
+  print(f'{"mutation":36s} {"kind":12s} {"result":10s} {"seconds":>7s}')
+  for m, result, seconds in rows:
+    print(f'{m.name:36s} {m.kind:12s} {result:10s} {seconds:7.1f}')
+  caught = sum(r == 'caught' for _, r, _ in rows)
+  survived = sum(r == 'survived' for _, r, _ in rows)
+  errors = len(rows) - caught - survived
+  print(f'\ncaught {caught}/{len(rows)}, survived {survived}, errors {errors}; '
+        f'{time.time() - start:.0f}s')
+  return 0 if caught == len(rows) else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())
