@@ -22,6 +22,7 @@ kill -9 for the resume test.
 import multiprocessing
 import os
 import pathlib
+import shutil
 import signal
 import sys
 import time
@@ -212,8 +213,10 @@ def prepare(corpus: str, out, *, tokenizer: str = '', vocab_size: int = 0, worke
 def _bar(total_bytes: int, progress: bool):
   """A tqdm bar over corpus bytes (ETA) with tokens/s; a no-op off a terminal."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  size = shutil.get_terminal_size((100, 20))  # a pty of size 0x0 would hide the bar
   return tqdm(total=total_bytes, unit='B', unit_scale=True, unit_divisor=1024,
-              disable=None if progress else True, desc='tokenizing', smoothing=0.1)
+              disable=None if progress else True, desc='tokenizing', smoothing=0.1,
+              ncols=size.columns, nrows=size.lines)
 
 
 def main(argv):
