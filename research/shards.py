@@ -33,8 +33,11 @@ and the small .npy files' CRC32s; each 1 MiB block of a .tokens file is checked 
 its CRC32 the first time a read touches it, so a corrupted block fails on first use and
 no corrupted token reaches a batch. Errors are `data.DataError`, one line naming the file.
 
-Memory: O(documents) index arrays per source (24 bytes a document), independent of
-the number of tokens.
+Memory: O(documents) index arrays per source (about 40 bytes a document), independent
+of the number of tokens. Limits: a corpus file is never split across shards, so one
+huge file is one shard written by one worker (and a lone plain-text file is read whole
+to be cut into chunks); a reader keeps one file descriptor per shard it has touched
+(keep shards at tens of MB or more: --unit_mb).
 """
 
 from __future__ import annotations
