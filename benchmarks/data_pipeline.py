@@ -217,7 +217,17 @@ def stream_from(folder: str) -> None:
     batch = next(iterator)
   rate = _STREAM_BATCHES.value * batch["tokens"].size / (time.perf_counter() - start)
   print(json.dumps(dict(first_batch_s=first, tokens_per_s=rate, rows=opened.train.num_rows,
-                        maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+                        maxrss_mb=peak_rss_mb())))
+
+
+def peak_rss_mb() -> float:
+  """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries the
+  parent's high-water mark across fork + exec into it."""
+  with open("/proc/self/status", encoding="ascii") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def shards_section(docs, sizes_gb: list[float]) -> None:
