@@ -101,7 +101,7 @@ MUTATIONS = [
     Mutation('grpo_no_eos_penalty_on_wrong_rows', 'research/ppo.py',
              "return x.score_B - cfg.no_eos_penalty * (~x.done_B).astype(F32)",
              "return x.score_B - 0.5 * (~x.done_B).astype(F32)",
-             ('tests/test_ppo.py', '-k', 'grpo_advantages_in_the_iteration'), 'ppo'),
+             ('tests/test_ppo.py', '-k', 'no_eos_penalty_before'), 'ppo'),
 
     # --- evaluation: each metric against a brute-force forward ---------------------------
     Mutation('cloze_readout_reversed', 'research/evaluation.py',

@@ -536,3 +536,21 @@ def test_rloo_and_dr_grpo_iterations_wire_their_advantages(estimator):
   np.testing.assert_allclose(r.advantages_BxN, np.where(mask, per_row[:, None], 0.0),
                              rtol=1e-4, atol=1e-5)
   assert r.values_BxN is None and all(math.isfinite(h['policy_loss']) for h in history)
+
+
+@pytest.mark.parametrize('estimator', ['grpo', 'dr_grpo', 'rloo'])
+def test_group_estimators_apply_the_no_eos_penalty_before_the_baseline(estimator):
+  """Equal scores, one row of the group without eos: with no_eos_penalty = 1 that row
+  gets the only negative advantage; with 0 every advantage is 0."""
+  n = 3
+  mask = np.ones((4, n), bool)
+  x = ppo.AdvantageInputs(score_B=jnp.full((4,), 0.7), done_B=jnp.array([True, True, False, True]),
+                          logp_BxN=jnp.zeros((4, n)), ref_logp_BxN=jnp.zeros((4, n)),
+                          values_BxN=None, mask_BxN=jnp.asarray(mask), beta=jnp.float32(0.0))
+  for penalty in (0.0, 1.0):
+    cfg = ppo.PPOConfig(advantage=estimator, group_size=4, no_eos_penalty=penalty)
+    adv = np.asarray(ppo.ESTIMATORS[estimator].estimate(x, cfg)[0])[:, 0]
+    if penalty == 0.0:
+      np.testing.assert_allclose(adv, 0.0, atol=1e-6)
+    else:
+      assert adv[2] < 0 and all(a > 0 for i, a in enumerate(adv) if i != 2), adv
