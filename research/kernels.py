@@ -604,6 +604,11 @@ def _head_forward(h, w, targets, weights, z_loss, compute_dtype, chunk, with_gra
   if not with_grad:
     return sums, None
   dh_a, dh_b = (x.reshape(-1, d)[:n] for x in dhs)
+  # The barrier keeps XLA from folding the transpose into the dot that made the (D, V)
+  # sum (one chunk: no loop in between): the folded dot contracts the rows of its left
+  # operand, a layout XLA:CPU has no bf16 x bf16 -> f32 kernel for, and it fails at run
+  # time ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32").
+  carry = lax.optimization_barrier(carry)
   dw_b = None if carry[1] is None else carry[1].T
   return sums, (rows, dh_a, dh_b, carry[0].T, dw_b)
 
