@@ -38,6 +38,9 @@ def hf_model(params, model_dict):
   config_dict = hf.hf_config(model_dict)
   config_dict.pop(hf.RESEARCH_KEY)
   config_dict.pop('architectures')
+  # Rotary positions have no table: a longer limit only silences transformers' warning
+  # when prompt + new tokens exceed the preset's max_len (64 + 256 > 256 for `small`).
+  config_dict['max_position_embeddings'] = max(config_dict['max_position_embeddings'], 4096)
   config = transformers.AutoConfig.for_model(config_dict.pop('model_type'), **config_dict)
   model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
   state = hf.to_hf_state_dict(jax.tree.map(np.asarray, params), model_dict)

@@ -44,6 +44,14 @@ numbers in the benchmark's output and the commit message):
   keys x queries orientation in which every dot is of that kind, and elementwise passes
   over score-sized arrays (memory bound, ~13 GB/s) are kept few: blocks, no stored
   probabilities, one mask select per block.
+* On an AVX512-BF16 EPYC (no AMX; 2026-11-30): 2-D bf16 x bf16 -> f32 dots run on
+  YNNPACK in bf16, but XLA:CPU upcasts *batched* bf16 dots (the attention's) to float32
+  whatever their layout (a materialised row-major operand did not help), so there the
+  attention runs at float32 speed in either mode while dense and the LM head gain.  A
+  bf16 dot that XLA rewrites after that upcast decision is not upcast and fails at run
+  time ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"): the LM
+  head's dW transpose, folded into its dot when there is one chunk, did that until an
+  optimization barrier kept them apart (see `_head_forward`).
 * Tried and dropped: a backward pass in transposed-score orientation (no gain); keeping
   the forward's probabilities for the backward instead of recomputing them (no gain at
   T=256: the cond-padded stores cost what the saved matmul gains); block_q 32 / 128 /
