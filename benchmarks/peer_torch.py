@@ -11,8 +11,9 @@ hyperparameters and gradient clipping at 1.0 as ours. Its step is
 zero_grad -> forward -> backward -> clip -> AdamW step.
 
 Ours is `benchmarks.throughput.build`'s jitted train step (causal objective, AdamW,
-clipping). For each dtype, ours and the peer's step alternate call by call, `--reps`
-times after warm-up; printed: medians as tokens/s (batch*T per step) and ours/peer.
+clipping). All configurations (ours and the peer's, each dtype, each thread count)
+alternate call by call in one round robin, `--reps` times after warm-up; printed:
+medians as tokens/s (batch*T per step) and ours/peer.
 bfloat16 is `model.compute_dtype='bfloat16'` for ours (bf16 dot operands, float32
 accumulation, float32 params) and `torch.autocast('cpu', torch.bfloat16)` for the
 peer (bf16 Linear / SDPA, float32 params). The last lines compare each side's best
@@ -49,7 +50,8 @@ class RMSNorm(nn.Module):
 
   def forward(self, x):
     x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+    return x32.type_as(x) * self.weight
 
 
 def rope_tables(t, h, theta=10_000.0):
@@ -98,8 +100,8 @@ class PeerGPT(nn.Module):
     self.register_buffer('sin', sin, persistent=False)
     for name, p in self.named_parameters():
       if p.dim() == 2:
-        std = init_std / math.sqrt(2 * n_layers) if name.endswith(('c_proj.weight', 'mlp_proj.weight')) else init_std
-        nn.init.normal_(p, std=std)
+        out_proj = name.endswith(('c_proj.weight', 'mlp_proj.weight'))  # GPT-2 scaled init
+        nn.init.normal_(p, std=init_std / math.sqrt(2 * n_layers) if out_proj else init_std)
 
   def forward(self, tokens):
     x = self.wte(tokens)
@@ -183,21 +185,28 @@ def main():
   print(f'bench shapes, {tokens} tokens per step; torch {torch.__version__} '
         f'(threads {threads}), jax {jax.__version__}; CPU flags {isa}; '
         f'{args.reps} alternating reps per dtype')
-  results = {}
-  for dtype in args.dtypes.split(','):
+  # Every configuration in one round robin, so that load changes on the shared host hit
+  # all alike and the best-vs-best ratio is a same-time comparison too.
+  dtypes = args.dtypes.split(',')
+  fns = {}
+  for dtype in dtypes:
+    fns[('ours', dtype, 0)] = ours_step_fn(dtype)
     peer = peer_step_fn(config, dtype)
-    fns = dict(ours=ours_step_fn(dtype), **{f'peer@{n}': with_threads(peer, n) for n in threads})
-    t = {k: tokens / v for k, v in alternate(fns, args.reps).items()}
-    best_threads = max(threads, key=lambda n: t[f'peer@{n}'])
-    results[dtype] = dict(ours=t['ours'], peer=t[f'peer@{best_threads}'])
-    r = results[dtype]
-    each = ', '.join(f'{n} thread(s) {t[f"peer@{n}"]:,.0f}' for n in threads)
-    print(f'{dtype:9s} ours {r["ours"]:8,.0f} tokens/s   peer {r["peer"]:8,.0f} tokens/s   '
-          f'ours/peer {r["ours"] / r["peer"]:.2f}   (peer at {each})', flush=True)
-  best = {side: max(results, key=lambda k: results[k][side]) for side in ('ours', 'peer')}
-  o, p = results[best['ours']]['ours'], results[best['peer']]['peer']
-  print(f'best: ours {best["ours"]} {o:,.0f} tokens/s, peer {best["peer"]} {p:,.0f} '
-        f'tokens/s; ours best / peer best {o / p:.2f}')
+    for n in threads:
+      fns[('peer', dtype, n)] = with_threads(peer, n)
+  rate = {k: tokens / v for k, v in alternate(fns, args.reps).items()}
+  best = {}
+  for dtype in dtypes:
+    n = max(threads, key=lambda n: rate[('peer', dtype, n)])
+    o, p = rate[('ours', dtype, 0)], rate[('peer', dtype, n)]
+    best[('ours', dtype)], best[('peer', dtype)] = o, p
+    each = ', '.join(f'{n} thread(s) {rate[("peer", dtype, n)]:,.0f}' for n in threads)
+    print(f'{dtype:9s} ours {o:8,.0f} tokens/s   peer {p:8,.0f} tokens/s   '
+          f'ours/peer {o / p:.2f}   (peer at {each})')
+  (_, o_dtype), o = max(((k, v) for k, v in best.items() if k[0] == 'ours'), key=lambda kv: kv[1])
+  (_, p_dtype), p = max(((k, v) for k, v in best.items() if k[0] == 'peer'), key=lambda kv: kv[1])
+  print(f'best: ours {o_dtype} {o:,.0f} tokens/s, peer {p_dtype} {p:,.0f} tokens/s; '
+        f'ours best / peer best {o / p:.2f}')
 
 
 if __name__ == '__main__':
