@@ -1,6 +1,7 @@
 """Train-step speed for a config: parameters, compile time, step time, tokens/s, utilisation.
 
   python -m benchmarks.train_step [--preset=small] [--compile_layers=4,24] [--objective=causal]
+                                  [--override=model.num_layers=2,data.batch_size=4]
 
 Utilisation is achieved FLOP/s ('palm' convention: every matmul including the LM head,
 research/flops.py) over the FLOP/s of a float32 2048² jnp.dot measured in the same run:
@@ -29,6 +30,9 @@ _DTYPE = flags.DEFINE_string('compute_dtype', '', 'Override model.compute_dtype.
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (median reported).')
 _COMPILE_LAYERS = flags.DEFINE_list('compile_layers', ['4', '24'],
                                     'Depths whose compile time is compared (empty: skip).')
+_OVERRIDE = flags.DEFINE_list('override', [],
+                              'Config overrides KEY=VALUE (as --config.KEY=VALUE of the '
+                              'experiments), e.g. a shrunken preset for a smoke run.')
 
 IDS = None
 
@@ -71,6 +75,9 @@ def compile_time(config, num_layers):
 def main(argv):
   del argv
   config = pretrain_config.get_config(_PRESET.value)
+  for item in _OVERRIDE.value:
+    key, _, value = item.partition('=')
+    common.apply_override(config, key, value)
   cfg, step, state, batch, mesh = build(config)
   b, l = batch['tokens'].shape
   counts = flops_lib.param_counts(cfg)

@@ -44,6 +44,14 @@ numbers in the benchmark's output and the commit message):
   keys x queries orientation in which every dot is of that kind, and elementwise passes
   over score-sized arrays (memory bound, ~13 GB/s) are kept few: blocks, no stored
   probabilities, one mask select per block.
+* On an AVX512-BF16 EPYC (no AMX; 2026-11-30): 2-D bf16 x bf16 -> f32 dots run on
+  YNNPACK in bf16, but XLA:CPU upcasts *batched* bf16 dots (the attention's) to float32
+  whatever their layout (a materialised row-major operand did not help), so there the
+  attention runs at float32 speed in either mode while dense and the LM head gain.  A
+  bf16 dot that XLA rewrites after that upcast decision is not upcast and fails at run
+  time ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"): the LM
+  head's dW transpose, folded into its dot when there is one chunk, did that until an
+  optimization barrier kept them apart (see `_head_forward`).
 * Tried and dropped: a backward pass in transposed-score orientation (no gain); keeping
   the forward's probabilities for the backward instead of recomputing them (no gain at
   T=256: the cond-padded stores cost what the saved matmul gains); block_q 32 / 128 /
@@ -604,6 +612,11 @@ def _head_forward(h, w, targets, weights, z_loss, compute_dtype, chunk, with_gra
   if not with_grad:
     return sums, None
   dh_a, dh_b = (x.reshape(-1, d)[:n] for x in dhs)
+  # The barrier keeps XLA from folding the transpose into the dot that made the (D, V)
+  # sum (one chunk: no loop in between): the folded dot contracts the rows of its left
+  # operand, a layout XLA:CPU has no bf16 x bf16 -> f32 kernel for, and it fails at run
+  # time ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32").
+  carry = lax.optimization_barrier(carry)
   dw_b = None if carry[1] is None else carry[1].T
   return sums, (rows, dh_a, dh_b, carry[0].T, dw_b)
 

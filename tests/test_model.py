@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from research import kernels
 from research import model as model_lib
 from research import train_step as train_lib
 
@@ -154,9 +155,7 @@ def _hidden_loss_and_grads(cfg, params, example):
 
 def test_bfloat16_compute_is_close_to_float32(setup):
   """A whole model's forward and fused head + loss with bf16 dot operands: the loss
-  agrees to bf16 precision, and it is not silently float32. (Forward only: on CPUs with
-  native bf16 dots, avx512_bf16, the whole model's gradient fails to run,
-  "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32".)"""
+  agrees to bf16 precision, and it is not silently float32. (The gradient: below.)"""
   params, _ = setup
   example = _loss_example(jax.random.randint(jax.random.key(5), (4, L), 10, 128))
   h32, loss32 = _hidden_and_loss(CFG, params, example)
@@ -166,6 +165,34 @@ def test_bfloat16_compute_is_close_to_float32(setup):
   diff = float(jnp.max(jnp.abs(h16 - h32)))
   assert 1e-6 < diff < 0.05, diff  # rounded (bf16 has 8 bits of mantissa), yet close
   np.testing.assert_allclose(loss16, loss32, rtol=2e-3)
+
+
+@pytest.mark.parametrize('bf16_dots', ['native', 'f32'])
+def test_bfloat16_gradient_runs_and_is_close_to_float32(setup, bf16_dots, monkeypatch):
+  """The whole model's gradient (loss + z-loss, tied head, one loss chunk) with bf16 dot
+  operands runs and agrees with float32's to bf16 precision, in both dot modes of
+  kernels.BF16_DOTS, whatever the CPU. 'native' (bf16 x bf16 -> f32 dots, what 'auto'
+  picks on AVX512-BF16 / AMX CPUs) used to fail on XLA:CPU with "Unsupported element
+  type for DotThunk::Execute: BF16 x BF16 = F32": XLA folded the transpose of the LM
+  head's (D, V) weight gradient into its dot, giving a bf16 dot that contracts the rows
+  of its left operand, which no XLA:CPU kernel runs."""
+  monkeypatch.setattr(kernels, 'BF16_DOTS', bf16_dots)
+  params, _ = setup
+  example = _loss_example(jax.random.randint(jax.random.key(7), (4, L), 10, 128))
+
+  def loss_and_grads(cfg):  # a fresh trace: BF16_DOTS is read at trace time
+    model = model_lib.Transformer(cfg)
+    loss = lambda p: train_lib.loss_sums(p, model, example, 1e-4)[0]
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  loss32, grads32 = loss_and_grads(CFG)
+  loss16, grads16 = loss_and_grads(dataclasses.replace(CFG, compute_dtype='bfloat16'))
+  np.testing.assert_allclose(loss16, loss32, rtol=2e-3)
+  flat32, flat16 = jax.tree.leaves(grads32), jax.tree.leaves(grads16)
+  assert all(g.dtype == jnp.float32 for g in flat16)
+  errors = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(flat16, flat32)]
+  assert max(errors) < 0.05, errors  # relative to each leaf's largest entry
+  assert max(errors) > 1e-5, errors  # really rounded to bf16
 
 
 @pytest.mark.parametrize('remat', ['dots', 'full'])
