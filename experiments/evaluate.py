@@ -1,13 +1,13 @@
 """Evaluate any stage's workdir(s) on lm-evaluation-harness tasks, offline.
 
   python -m experiments.evaluate --workdir=runs/pretrain --workdir=runs/sft \
-      --tasks=piqa_local,openbookqa_local --limit=200 --out=runs/eval
+      --tasks=piqa_local,openbookqa_local --limit=200 --out_dir=runs/eval
 
 Each workdir (pretraining, SFT, DPO, PPO) is wrapped by `research.lm_eval_model` and run
 through `lm_eval.simple_evaluate` on tasks from local YAML files (`evals/tasks` by
 default, more with --include_path; the harness's own tasks with --include_defaults, which
 download their data). Chat stages get our chat template (--chat=auto). Prints and writes,
-under --out:
+under --out_dir:
   <run>.md / <run>.json   one table per workdir: task, metric, n, score, its 95 %
                           interval (Wilson for per-item 0/1 metrics, else ±1.96 stderr),
                           and the chance level (multiple choice: mean 1/#choices;
@@ -46,7 +46,7 @@ _CHAT = flags.DEFINE_enum('chat', 'auto', ['auto', 'yes', 'no'],
 _INCLUDE = flags.DEFINE_multi_string('include_path', [], 'More folders of task YAML files.')
 _DEFAULTS = flags.DEFINE_bool('include_defaults', False,
                               "Also index lm_eval's built-in tasks (they need the network).")
-_OUT = flags.DEFINE_string('out', 'runs/eval', 'Folder for the tables.')
+_OUT = flags.DEFINE_string('out_dir', 'runs/eval', 'Folder for the tables.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Few-shot sampling and generation seed.')
 
 

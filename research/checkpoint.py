@@ -125,7 +125,10 @@ def check_same_model(saved: dict, config: dict, workdir, keys=('model', 'tokeniz
 # What a resume may change: how data is read, the step budget (and so the schedule's
 # length), where a tokenizer file was found.
 RESUMABLE_CHANGES = ('data.num_threads', 'data.prefetch_buffer_size', 'optimizer.total_steps',
-                     'tokenizer.path')
+                     'tokenizer.path',
+                     # prepared shards check their own identity on resume (a changed
+                     # mixture is refused there unless data.allow_data_change)
+                     'data.shards', 'data.allow_data_change')
 
 
 def check_tokenizer(meta: dict, tokenizer: tokenizer_lib.Tokenizer, where) -> None:

@@ -217,7 +217,7 @@ def test_evaluate_rejects_a_bad_workdir_before_writing(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   out = subprocess.run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={tmp_path}',
-                        f'--out={tmp_path / "eval"}'], cwd=pathlib.Path(__file__).parents[1],
+                        f'--out_dir={tmp_path / "eval"}'], cwd=pathlib.Path(__file__).parents[1],
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 2, out.stderr[-2000:]
   assert 'config.json' in out.stderr and len(out.stderr.strip().splitlines()) == 1
