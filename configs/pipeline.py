@@ -20,8 +20,6 @@ from configs import pretrain as pretrain_config
 from configs import rlhf as rlhf_config
 from configs import sft as sft_config
 
-STAGES = ('pretrain', 'sft', 'rlhf')
-
 PRESETS = {
     'tiny': dict(pretrain='tiny', sft='quick', rlhf='default', pretrain_steps=300,
                  pretrain_minutes=7.0, sft_steps=150, sft_minutes=3.0, rl_iterations=8,

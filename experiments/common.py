@@ -343,3 +343,20 @@ def check_workdir(workdir) -> None:
   path = pathlib.Path(workdir)
   if path.exists() and not path.is_dir():
     raise UserError(f'--workdir={workdir} is a file, not a folder')
+
+
+def report_cli(argv, module: str, write) -> int:
+  """The command line of every `*_report` module: `python -m experiments.<module>
+  --workdir=RUN` calls `write(workdir)` and prints what it returns; a wrong argument or a
+  run without the files the report reads is one line on stderr and exit status 2."""
+  workdirs = [a.split('=', 1)[1] for a in argv[1:] if a.startswith('--workdir=')]
+  if len(workdirs) != 1 or len(argv) != 2 or not pathlib.Path(workdirs[0]).is_dir():
+    print(f'usage: python -m experiments.{module} --workdir=RUN (an existing run folder)',
+          file=sys.stderr)
+    return 2
+  try:
+    print(write(workdirs[0]))
+  except FileNotFoundError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0

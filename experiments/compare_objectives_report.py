@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import scipy.stats
 
+from experiments import common
 from research import checkpoint as checkpoint_lib
 from research import evaluation
 from research import flops as flops_lib
@@ -377,16 +378,7 @@ _DEFAULT_CONFIG = 'configs/compare_objectives.py'
 
 
 def main(argv) -> int:
-  workdirs = [a.split('=', 1)[1] for a in argv[1:] if a.startswith('--workdir=')]
-  if len(workdirs) != 1 or len(argv) != 2:
-    print('usage: python -m experiments.compare_objectives_report --workdir=STUDY', file=sys.stderr)
-    return 2
-  try:
-    print(write(workdirs[0]))
-  except FileNotFoundError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  return 0
+  return common.report_cli(argv, 'compare_objectives_report', write)
 
 
 if __name__ == '__main__':

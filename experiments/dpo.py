@@ -33,33 +33,6 @@ SUMMARY_FILE = 'summary.json'
 REFERENCE_FILE = 'reference_logprobs.npz'
 
 
-def load_pairs(dc: dict, seed: int) -> tuple[list, list, dict]:
-  """(train pairs, held-out pairs, stats) from config['data'] (source hh_rlhf | jsonl)."""
-  source = dc['source']
-  if source == 'hh_rlhf':
-    path = pathlib.Path(dc['path']) if dc['path'] else preferences.HH_RLHF
-    if not path.exists():
-      raise common.UserError(f'{path}: no such file (hh-rlhf pairs; set --config.data.path)')
-    pairs = preferences.hh_rlhf(path)
-  elif source == 'jsonl':
-    if not dc['path']:
-      raise common.UserError('data.source=jsonl needs --config.data.path=FILE.jsonl')
-    path = pathlib.Path(dc['path'])
-    if not path.exists():
-      raise common.UserError(f'{path}: no such file (data.path)')
-    pairs, problems = preferences.jsonl_pairs(path, on_error=dc['on_error'])
-    for p in problems:
-      common.log(f'skipped: {p}')
-  else:
-    raise common.UserError(f'data.source={source!r}: expected "hh_rlhf" or "jsonl"')
-  if dc['max_pairs']:
-    pairs = pairs[:dc['max_pairs']]
-  if not pairs:
-    raise common.UserError(f'{path}: no usable preference pairs')
-  train, held = preferences.split_pairs(pairs, dc['heldout_fraction'], seed)
-  return list(train), list(held), dict(source=source, path=str(path), read=len(pairs))
-
-
 def _pair_arrays(config, tokenizer, pairs) -> tuple[dict, dict, dict]:
   """(train arrays, held-out arrays, stats): given token arrays, or the configured pairs."""
   dc = config['data']
@@ -67,7 +40,10 @@ def _pair_arrays(config, tokenizer, pairs) -> tuple[dict, dict, dict]:
     train, held = pairs
     return dict(train), dict(held) if held is not None else None, {'source': 'arrays'}
   try:
-    train_pairs, held_pairs, stats = load_pairs(dc, config['seed'])
+    train_pairs, held_pairs, stats, problems = preferences.load_configured_pairs(
+        dc, config['seed'])
+    for p in problems:
+      common.log(f'skipped: {p}')
     train = preferences.tokenize_pairs(tokenizer, train_pairs, dc['seq_len'])
     held = preferences.tokenize_pairs(tokenizer, held_pairs, dc['seq_len'])
   except preferences.PreferenceError as e:

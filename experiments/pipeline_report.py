@@ -13,7 +13,7 @@ import pathlib
 import platform
 import sys
 
-STAGES = ('pretrain', 'sft', 'rlhf')
+from experiments import common
 
 
 def _json(path: pathlib.Path):
@@ -210,13 +210,7 @@ def write(workdir) -> dict:
 
 
 def main(argv) -> int:
-  workdirs = [a.split('=', 1)[1] for a in argv[1:] if a.startswith('--workdir=')]
-  if len(workdirs) != 1 or len(argv) != 2 or not pathlib.Path(workdirs[0]).is_dir():
-    print('usage: python -m experiments.pipeline_report --workdir=RUN (an existing folder)',
-          file=sys.stderr)
-    return 2
-  print(render(write(workdirs[0])))
-  return 0
+  return common.report_cli(argv, 'pipeline_report', lambda workdir: render(write(workdir)))
 
 
 if __name__ == '__main__':

@@ -61,38 +61,6 @@ def resolve_config(config) -> dict:
   return _merge(rm_config.get_config(config.get('preset', 'hh')).to_dict(), config)
 
 
-def load_pairs(dc: dict, seed: int) -> tuple[list, list, dict]:
-  """(train pairs, held-out pairs, stats) from config['data'] (source hh_rlhf | jsonl)."""
-  source = dc['source']
-  stats = {'source': source}
-  if source == 'hh_rlhf':
-    path = pathlib.Path(dc['path']) if dc['path'] else preferences.HH_RLHF
-    if not path.exists():
-      raise common.UserError(f'{path}: no such file (hh-rlhf pairs; set --config.data.path)')
-    pairs = preferences.hh_rlhf(path)
-    stats['skipped'] = dict(pairs.skipped)
-  elif source == 'jsonl':
-    if not dc['path']:
-      raise common.UserError('data.source=jsonl needs --config.data.path=FILE.jsonl')
-    path = pathlib.Path(dc['path'])
-    if not path.exists():
-      raise common.UserError(f'{path}: no such file (data.path)')
-    pairs, problems = preferences.jsonl_pairs(path, on_error=dc['on_error'])
-    for p in problems:
-      common.log(f'skipped: {p}')
-    stats['skipped'] = {'malformed': len(problems)}
-  else:
-    raise common.UserError(f'data.source={source!r}: expected "hh_rlhf" or "jsonl"')
-  stats['path'] = str(path)
-  stats['read'] = len(pairs)
-  if dc['max_pairs']:
-    pairs = pairs[:dc['max_pairs']]
-  if not pairs:
-    raise common.UserError(f'{path}: no usable preference pairs')
-  train, held = preferences.split_pairs(pairs, dc['heldout_fraction'], seed)
-  return list(train), list(held), stats
-
-
 def _arrays(d) -> dict:
   """The four pair arrays of a tokenised dict (anything else in it is ignored)."""
   if d is None:
@@ -155,7 +123,10 @@ def _prepare(config: dict, workdir: pathlib.Path, init_workdir, pairs):
     stats = {'source': 'arrays'}
   else:
     try:
-      train_pairs, held_pairs, stats = load_pairs(dc, config['seed'])
+      train_pairs, held_pairs, stats, problems = preferences.load_configured_pairs(
+          dc, config['seed'])
+      for p in problems:
+        common.log(f'skipped: {p}')
       t0 = time.time()
       train_arrays = preferences.tokenize_pairs(tokenizer, train_pairs, dc['seq_len'])
       held_arrays = preferences.tokenize_pairs(tokenizer, held_pairs, dc['seq_len'])
@@ -281,9 +252,9 @@ def train(config, workdir, init_workdir, pairs=None) -> dict:
                  f'{extra["heldout_before"]["accuracy"]:.3f}')
     if tc['eval_every']:
       loop.add_hook(heldout_hook, every=tc['eval_every'])
-    batches = (take(train_arrays, idx) for idx in sampler)
-    result = loop.run(state, lambda state, b: step_fn(state, b, rng), _Sampled(sampler, batches),
-                      first_step=int(state.step), meta_fn=meta_fn)
+    # The sampler yields pair indices (its position is what the checkpoint keeps).
+    result = loop.run(state, lambda state, idx: step_fn(state, take(train_arrays, idx), rng),
+                      sampler, first_step=int(state.step), meta_fn=meta_fn)
     state, step = result.state, result.step
 
     held_m = heldout(step, state)
@@ -309,22 +280,6 @@ def train(config, workdir, init_workdir, pairs=None) -> dict:
     checkpoint_lib.write_json_atomic(workdir / SUMMARY_FILE, summary)
     reward_model_report.write(workdir)
   return summary
-
-
-class _Sampled:
-  """Batches drawn by an EpochSampler: iterates the batches, checkpoints the sampler."""
-
-  def __init__(self, sampler, batches):
-    self.sampler, self.batches = sampler, batches
-
-  def __next__(self):
-    return next(self.batches)
-
-  def get_state(self):
-    return self.sampler.get_state()
-
-  def set_state(self, state):
-    self.sampler.set_state(state)
 
 
 # ----------------------------------------------------------------------------

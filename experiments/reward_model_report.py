@@ -6,6 +6,7 @@ import json
 import pathlib
 import sys
 
+from experiments import common
 from research import checkpoint as checkpoint_lib
 
 SUMMARY_FILE = 'summary.json'
@@ -62,16 +63,7 @@ def write(workdir) -> str:
 
 
 def main(argv) -> int:
-  workdirs = [a.split('=', 1)[1] for a in argv[1:] if a.startswith('--workdir=')]
-  if len(workdirs) != 1 or len(argv) != 2:
-    print('usage: python -m experiments.reward_model_report --workdir=RUN', file=sys.stderr)
-    return 2
-  try:
-    print(write(workdirs[0]))
-  except FileNotFoundError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  return 0
+  return common.report_cli(argv, 'reward_model_report', write)
 
 
 if __name__ == '__main__':

@@ -46,7 +46,6 @@ from research import ppo
 from research import preferences
 from research import rl_tasks
 
-FAST_COMPILE = ppo.FAST_COMPILE
 RM_SUMMARY = 'reward_model_summary.json'
 BEST_OF_N = 'best_of_n.json'
 POLICY_DIR = 'policy'

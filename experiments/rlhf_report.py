@@ -11,6 +11,7 @@ import math
 import pathlib
 import sys
 
+from experiments import common
 from research import checkpoint as checkpoint_lib
 
 METRICS_FILE = 'metrics.jsonl'
@@ -221,16 +222,7 @@ def write(workdir) -> str:
 
 
 def main(argv) -> int:
-  workdirs = [a.split('=', 1)[1] for a in argv[1:] if a.startswith('--workdir=')]
-  if len(workdirs) != 1 or len(argv) != 2:
-    print('usage: python -m experiments.rlhf_report --workdir=RUN', file=sys.stderr)
-    return 2
-  try:
-    print(write(workdirs[0]))
-  except FileNotFoundError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  return 0
+  return common.report_cli(argv, 'rlhf_report', write)
 
 
 if __name__ == '__main__':

@@ -327,3 +327,38 @@ def tokenize_pairs(tokenizer: tokenizer_lib.Tokenizer, pairs: Sequence[Pair],
 
 def num_pairs(arrays: Mapping[str, np.ndarray] | None) -> int:
   return 0 if arrays is None else int(np.shape(arrays['chosen_lengths'])[0])
+
+
+def load_configured_pairs(dc: Mapping[str, Any], seed: int) -> tuple[list, list, dict, list]:
+  """The preference pairs a stage's `data` config names, split by prompt.
+
+  dc: `source` ('hh_rlhf' | 'jsonl'), `path` ('' = the shared hh-rlhf file for
+  hh_rlhf), `on_error` (jsonl), `max_pairs` (0 = all), `heldout_fraction`.
+  Returns (train pairs, held-out pairs, stats, skipped-line messages). Raises
+  PreferenceError naming the key or file for a missing file, an unknown source or no
+  usable pairs.
+  """
+  source, problems = dc['source'], []
+  if source == 'hh_rlhf':
+    path = pathlib.Path(dc['path']) if dc['path'] else HH_RLHF
+    if not path.exists():
+      raise PreferenceError(f'{path}: no such file (hh-rlhf pairs; set --config.data.path)')
+    pairs = hh_rlhf(path)
+    skipped = dict(pairs.skipped)
+  elif source == 'jsonl':
+    if not dc['path']:
+      raise PreferenceError('data.source=jsonl needs --config.data.path=FILE.jsonl')
+    path = pathlib.Path(dc['path'])
+    if not path.exists():
+      raise PreferenceError(f'{path}: no such file (data.path)')
+    pairs, problems = jsonl_pairs(path, on_error=dc['on_error'])
+    skipped = {'malformed': len(problems)}
+  else:
+    raise PreferenceError(f'data.source={source!r}: expected "hh_rlhf" or "jsonl"')
+  stats = dict(source=source, skipped=skipped, path=str(path), read=len(pairs))
+  if dc['max_pairs']:
+    pairs = pairs[:dc['max_pairs']]
+  if not pairs:
+    raise PreferenceError(f'{path}: no usable preference pairs')
+  train, held = split_pairs(pairs, dc['heldout_fraction'], seed)
+  return list(train), list(held), stats, problems

@@ -86,7 +86,7 @@ def test_reward_model_learns_separable_pairs_loads_back_and_resumes(pretrained, 
   assert saved['model']['scalar_head'] and saved['init'] == str(pretrained)
   # Same held-out scores from the loaded params (the same prompt-disjoint split).
   resolved = rm_experiment.resolve_config(config)
-  _, held, _ = rm_experiment.load_pairs(resolved['data'], resolved['seed'])
+  _, held, _, _ = preferences.load_configured_pairs(resolved['data'], resolved['seed'])
   arrays = preferences.tokenize_pairs(tokenizer, held, 48)
   score_fn = rm_experiment.make_score_fn(model_lib.Transformer(cfg))
   c, r = reward_model.score_pairs(score_fn, params, arrays, 32)
