@@ -7,8 +7,14 @@
 
 Interactive commands: /reset (forget the conversation), /quit (or Ctrl-D). Tokens are
 printed as they are decoded (KV-cache prefill of the conversation, then one cached
-decode step per token). The conversation is kept across turns; when it no longer fits
-the model's context, the oldest turns are dropped (whole turns, never half a turn).
+decode step per token). The conversation is kept across turns. Length rule: the prompt
+(conversation + assistant header) gets max_len - --max_new_tokens tokens; when it does
+not fit, whole turns (a user message and the replies after it) are dropped from the
+oldest (`research.chat.fit_to_context`); the system message is kept if it fits with
+the current message, else dropped; a current message that cannot fit with its headers
+even alone is an error message (one line; the message is not added to the history,
+--prompt exits with status 2), never a silent truncation. Text that is not valid
+Unicode (e.g. undecodable bytes typed or passed as a flag) is refused the same way.
 
 With --tools a reply is decoded by `research.tools.runtime.generate_with_tools`: when
 the model closes a `<|tool_call|>`, the tool runs and its result is pasted into the
@@ -29,6 +35,7 @@ from research import chat
 from research import checkpoint as checkpoint_lib
 from research import model as model_lib
 from research import sampling
+from research import tokenizer as tokenizer_lib
 from research.tools import registry as tool_registry
 from research.tools import runtime as tool_runtime
 
@@ -73,21 +80,32 @@ class ChatSession:
     self.messages = [{'role': 'system', 'content': self.system}] if self.system else []
 
   def _prompt_ids(self) -> list[int]:
-    """The conversation plus the assistant header, oldest turns dropped to leave room."""
+    """The conversation plus the assistant header, whole oldest turns dropped to leave
+    room (the module docstring's length rule). Raises UserError when the last user
+    message does not fit even alone."""
     budget = self.cfg.max_len - self.max_new_tokens
-    messages = list(self.messages)
-    while True:
-      ids = chat.render(self.tokenizer, messages, add_generation_prompt=True).ids
-      if len(ids) <= budget or len(messages) <= 1:
-        return list(ids)[-budget:]
-      start = 1 if messages[0]['role'] == 'system' else 0
-      messages.pop(start)  # the oldest turn after the system message
+    rendered = chat.render(self.tokenizer, self.messages, add_generation_prompt=True)
+    fitted = chat.fit_to_context(rendered, budget, require_loss=False)
+    if fitted is None:
+      alone = chat.render(self.tokenizer, self.messages[-1:], add_generation_prompt=True)
+      raise UserError(f'message too long: {len(alone.ids)} tokens with its headers, the '
+                      f'model\'s {self.cfg.max_len}-token context leaves {budget} after '
+                      f'--max_new_tokens={self.max_new_tokens}; shorten it')
+    return list(fitted.ids)
 
   def reply(self, text: str, on_text=lambda s: None) -> str:
     """Adds the user turn, samples the answer (calling on_text with each new piece of
-    text as it is decoded), adds it to the history and returns it."""
+    text as it is decoded), adds it to the history and returns it. Raises UserError
+    (the turn not added) for text that is not valid Unicode or cannot fit."""
+    problem = tokenizer_lib.text_problem(text)
+    if problem:
+      raise UserError(f'message: {problem}')
     self.messages.append({'role': 'user', 'content': text})
-    ids = self._prompt_ids()
+    try:
+      ids = self._prompt_ids()
+    except UserError:
+      self.messages.pop()
+      raise
     if self.tools is not None:
       return self._reply_with_tools(ids, on_text)
     eot = self.tokenizer.chat_ids['end_of_turn']
@@ -155,6 +173,9 @@ def interactive(session: ChatSession, read=input, write=sys.stdout.write):
     except EOFError:
       write('\n')
       return
+    except UnicodeDecodeError as e:  # undecodable bytes typed in a UTF-8 terminal
+      write(f'error: message: not UTF-8 at byte {e.start}\n')
+      continue
     if text.strip() == '/quit':
       return
     if text.strip() == '/reset':
@@ -164,7 +185,10 @@ def interactive(session: ChatSession, read=input, write=sys.stdout.write):
     if not text.strip():
       continue
     write('assistant> ')
-    session.reply(text, on_text=lambda s: (write(s), sys.stdout.flush()))
+    try:
+      session.reply(text, on_text=lambda s: (write(s), sys.stdout.flush()))
+    except UserError as e:
+      write(f'\nerror: {e}')
     write('\n')
 
 
@@ -200,6 +224,10 @@ def main(argv, chat_flags):
         or not 0 < f['top_p'] <= 1):
       raise UserError('need --max_new_tokens >= 1, --temperature >= 0, --top_k >= 0, '
                       '0 < --top_p <= 1')
+    for name in ('prompt', 'system'):
+      problem = tokenizer_lib.text_problem(f[name] or '')
+      if problem:
+        raise UserError(f'--{name}: {problem}')
     session = load_session(f['workdir'], system=f['system'], temperature=f['temperature'],
                            top_k=f['top_k'], top_p=f['top_p'],
                            max_new_tokens=f['max_new_tokens'], seed=f['seed'],
@@ -207,14 +235,14 @@ def main(argv, chat_flags):
     if session.cfg.max_len <= f['max_new_tokens']:
       raise UserError(f'--max_new_tokens={f["max_new_tokens"]} leaves no room in the '
                       f'model\'s {session.cfg.max_len}-token context')
+    stream = lambda s: (sys.stdout.write(s), sys.stdout.flush())
+    if f['prompt'] is not None:
+      session.reply(f['prompt'], on_text=stream)
+      sys.stdout.write('\n')
   except (UserError, checkpoint_lib.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  stream = lambda s: (sys.stdout.write(s), sys.stdout.flush())
-  if f['prompt'] is not None:
-    session.reply(f['prompt'], on_text=stream)
-    sys.stdout.write('\n')
-  else:
+  if f['prompt'] is None:
     interactive(session)
 
 

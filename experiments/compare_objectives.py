@@ -181,9 +181,9 @@ def build_eval_data(config, tokenizer, train_docs, val_docs, train_tokens, val_t
   else:
     piqa_rows = []
     for goal, sol1, sol2 in examples:
-      context = tokenizer.encode(goal)
+      context = tokenizer.encode_text(goal)
       for sol in (sol1, sol2):
-        piqa_rows.append(evaluation.choice_rows(context, tokenizer.encode(' ' + sol),
+        piqa_rows.append(evaluation.choice_rows(context, tokenizer.encode_text(' ' + sol),
                                                 config.piqa.max_len))
     piqa_labels = labels
     piqa_note = (f'PIQA validation, first {len(labels)} of its examples, goal + solution '
@@ -316,13 +316,15 @@ def prepare_study(config, workdir: pathlib.Path):
     tokenizer, trained = tokenizer_lib.load_or_train(
         (tok_path,), lambda: (d.text for d in train_docs), pc.tokenizer.vocab_size,
         seed=pc.data.split_seed)
+  except tokenizer_lib.TextError as e:  # not the vocabulary's fault
+    raise common.UserError(str(e)) from None
   except ValueError as e:
     raise common.UserError(f'pretrain.tokenizer.vocab_size: {e}') from None
   if trained:
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(tok_path)
-  train_tokens = tokenizer.encode_batch([d.text for d in train_docs])
-  val_tokens = tokenizer.encode_batch([d.text for d in val_docs])
+  train_tokens = tokenizer.encode_text_batch([d.text for d in train_docs])
+  val_tokens = tokenizer.encode_text_batch([d.text for d in val_docs])
   train_rows = data_lib.pack_token_lists(train_tokens, pc.data.seq_len, tokenizer.eos_id)
   val_rows = data_lib.pack_token_lists(val_tokens, pc.data.seq_len, tokenizer.eos_id)
   return tokenizer, tok_path, train_docs, val_docs, train_tokens, val_tokens, train_rows, val_rows

@@ -80,7 +80,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   params, config, tokenizer = checkpoint_lib.load_stage(_WORKDIR.value)
   cfg = model_lib.TransformerConfig.from_dict(config['model'])
-  tokens = tokenizer.encode(_PROMPT.value)[-_MAX_TOKENS.value:]
+  tokens = tokenizer.encode_text(_PROMPT.value)[-_MAX_TOKENS.value:]
   if not tokens:
     raise checkpoint_lib.CheckpointError('--prompt: no tokens')
   lens = interpret.logit_lens(params, cfg, tokens)

@@ -306,6 +306,8 @@ def run(config, workdir) -> dict:
     tokenizer, _ = tokenizer_lib.load_or_train(
         (root / checkpoint_lib.TOKENIZER_FILE,), lambda: base_texts + idk_texts + chain_texts,
         config['vocab_size'], seed=seed)
+  except tokenizer_lib.TextError as e:  # not the vocabulary's fault
+    raise common.UserError(str(e)) from None
   except ValueError as e:
     raise common.UserError(f'vocab_size: {e}') from None
   tokenizer.save(root / checkpoint_lib.TOKENIZER_FILE)

@@ -70,6 +70,8 @@ def prepare(config: dict, workdir: pathlib.Path) -> loop_lib.LMSetup:
         (workdir / checkpoint_lib.TOKENIZER_FILE, config['tokenizer']['path']),
         lambda: (d.text for d in train_docs), config['tokenizer']['vocab_size'],
         seed=config['seed'])
+  except tokenizer_lib.TextError as e:  # not the vocabulary's fault
+    raise common.UserError(str(e)) from None
   except ValueError as e:
     raise common.UserError(f'tokenizer.vocab_size: {e}') from None
   if trained:

@@ -10,6 +10,13 @@ checkpoints read the prompt bidirectionally (as trained); masked checkpoints fil
 in place, hybrid ones from the previous position (MNTP), and causal / prefix / span
 ones with left context only. Asking a checkpoint for what it was not trained to do
 works but prints a note. Errors (no checkpoint, bad flags) are one line on stderr.
+
+Prompts are text: a literal "<mask>", "<extra_id_0>" or "<|user|>" in --prompt is
+encoded as those characters, never as the reserved token (in --fill only "<mask>" is
+the mask). Length rule: a prompt of P tokens continued by N = --max_new_tokens needs
+P + N - 1 <= model.max_len positions, for learned and RoPE positions alike (a RoPE
+model was never trained past max_len); a longer request is a one-line error naming
+the lengths (exit 2), never a silent truncation. A --fill text must fit in max_len.
 """
 import sys
 import time
@@ -43,6 +50,12 @@ def continue_texts(params, cfg, tokenizer, objective: objectives_lib.Objective, 
                    temperature, top_k, top_p, seed):
   """-> [(continuation text, Generation row as numpy dict)] for each prompt."""
   prompt, lengths = sampling.encode_prompts(tokenizer, prompts)
+  for i, n in enumerate(lengths):
+    if n + max_new_tokens - 1 > cfg.max_len:
+      raise UserError(f'--prompt {i + 1} is {n} tokens: with --max_new_tokens={max_new_tokens} '
+                      f'it needs {n + max_new_tokens - 1} positions, the model has '
+                      f'{cfg.max_len} (model.max_len); shorten the prompt or lower '
+                      '--max_new_tokens')
   try:
     out = sampling.generate(params, prompt, lengths, jax.random.key(seed), cfg=cfg,
                             max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
@@ -62,13 +75,26 @@ def continue_texts(params, cfg, tokenizer, objective: objectives_lib.Objective, 
   return results
 
 
+def fill_ids(tokenizer, text: str) -> list[int]:
+  """Token ids of a --fill text: each "<mask>" the mask id, everything else text
+  (`encode_text`, so "<extra_id_0>" or "<|user|>" in it is not a reserved id)."""
+  ids = []
+  for i, part in enumerate(text.split('<mask>')):
+    ids += ([tokenizer.mask_id] if i else []) + tokenizer.encode_text(part)
+  return ids
+
+
 def fill_texts(params, cfg, tokenizer, objective: objectives_lib.Objective, texts, *, iterative: bool):
   """-> [(filled text, [(piece, probability) per mask])] for each text."""
-  encoded = [tokenizer.encode(t) for t in texts]
-  for text, ids in zip(texts, encoded):
+  encoded = [fill_ids(tokenizer, t) for t in texts]
+  for i, (text, ids) in enumerate(zip(texts, encoded)):
     if tokenizer.mask_id not in ids:
       raise UserError(f'--fill={text!r}: no <mask> in the text')
-  tokens, lengths = sampling.encode_prompts(tokenizer, texts)
+    if len(ids) > cfg.max_len:
+      raise UserError(f'--fill {i + 1} is {len(ids)} tokens, the model has {cfg.max_len} '
+                      'positions (model.max_len); shorten it')
+  tokens, lengths = sampling.encode_prompts(tokenizer, texts,
+                                            encode=lambda t: fill_ids(tokenizer, t))
   special = tuple(int(i) for i in np.flatnonzero(
       tokenizer_lib.is_special(np.arange(tokenizer.vocab_size))))
   filled, logps = sampling.fill_mask(
@@ -93,6 +119,11 @@ def run(workdir, prompts, fills, *, fill_mode='iterative', max_new_tokens=64,
   if max_new_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
     raise UserError('need --max_new_tokens >= 1, --temperature >= 0, --top_k >= 0, '
                     '0 < --top_p <= 1')
+  for flag, texts in (('--prompt', prompts), ('--fill', fills)):
+    for i, text in enumerate(texts):
+      problem = tokenizer_lib.text_problem(text)
+      if problem:
+        raise UserError(f'{flag} {i + 1}: {problem}')
   start = time.time()
   params, config, tokenizer = checkpoint_lib.load_stage(workdir)
   cfg = model_lib.TransformerConfig.from_dict(config['model'])

@@ -159,6 +159,8 @@ def prepare_corpus(config, study: pathlib.Path) -> tuple:
     tokenizer, trained = tokenizer_lib.load_or_train(
         (tok_path,), lambda: (d.text for d in train_docs), config.base.tokenizer.vocab_size,
         seed=config.sweep.seeds[0])
+  except tokenizer_lib.TextError as e:  # not the vocabulary's fault
+    raise common.UserError(str(e)) from None
   except ValueError as e:
     raise common.UserError(f'base.tokenizer.vocab_size: {e}') from None
   if trained:

@@ -198,18 +198,22 @@ def parse(tokenizer: tokenizer_lib.Tokenizer, ids: Sequence[int] | np.ndarray) -
   return messages
 
 
-def fit_to_context(rendered: Rendered, max_len: int) -> Rendered | None:
+def fit_to_context(rendered: Rendered, max_len: int, require_loss: bool = True
+                   ) -> Rendered | None:
   """`rendered` if it fits in `max_len` tokens, else cut from the left, or None.
 
   A cut falls at the start of a user turn (so no turn, and no answer, is ever
-  split, and the kept part opens with a question); a leading system message is
-  kept if the shortest cut that fits with it exists, else the cut is made
-  without it. The kept part must contain a loss token, else the conversation is
-  dropped (None), as it is when even its last user turn onward does not fit.
+  split, and the kept part opens with a question): whole turns are dropped from
+  the oldest. A leading system message is kept if the shortest cut that fits with
+  it exists, else the cut is made without it. With `require_loss` (training) the
+  kept part must contain a loss token, else the conversation is dropped (None), as
+  it is when even its last user turn onward does not fit. A chat prompt (rendered
+  with the generation prompt) passes require_loss=False: None then means that its
+  last user turn, with its header and the assistant header, does not fit.
   """
   n = len(rendered.ids)
   if n <= max_len:
-    return rendered if rendered.loss_mask.any() else None
+    return rendered if rendered.loss_mask.any() or not require_loss else None
   starts = [int(s) for s in rendered.turn_starts]
   has_system = bool(starts) and rendered.ids[starts[0]] == _HEADER["system"]
   sys_len = starts[1] if has_system and len(starts) > 1 else 0
@@ -225,7 +229,7 @@ def fit_to_context(rendered: Rendered, max_len: int) -> Rendered | None:
   for prefix in ([sys_len, 0] if has_system else [0]):
     for cut in cuts:
       if cut >= prefix and prefix + n - cut <= max_len:
-        if rendered.loss_mask[cut:].any():
+        if rendered.loss_mask[cut:].any() or not require_loss:
           return piece(prefix, cut)
         break  # later cuts keep a suffix of this one: no loss token either
   return None

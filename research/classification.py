@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from research import model as model_lib
+from research import train_step as train_lib
 
 ATTENTIONS = ('causal', 'bidirectional')
 
@@ -149,8 +150,10 @@ def _head_logits(head, features_BxD):
 
 
 def _optimizer(learning_rate: float, steps: int, weight_decay: float):
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, learning_rate, max(1, steps // 10), max(steps, 2), learning_rate * 0.1)
+  # The shared schedule (research/train_step.py): step 0 already has a nonzero rate.
+  schedule = train_lib.make_schedule(train_lib.OptimizerConfig(
+      learning_rate=learning_rate, warmup_steps=max(1, steps // 10),
+      total_steps=max(steps, 2), final_lr_fraction=0.1))
   return optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(schedule, weight_decay=weight_decay))
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from research import chat
+from research import tokenizer as tokenizer_lib
 
 CHATTERBOT_INSTALL = "pip install --no-deps chatterbot-corpus==1.3.3"
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -363,12 +364,15 @@ def _jsonl_records(path: pathlib.Path):
     if not raw.strip():
       continue
     try:
-      yield lineno, json.loads(raw.decode("utf-8"))
+      record = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
       yield lineno, ConversationError(f"{path}:{lineno}: not UTF-8 at byte {e.start}")
     except json.JSONDecodeError as e:
       yield lineno, ConversationError(
           f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})")
+    else:  # the text policy of research/tokenizer.py: invalid Unicode is an error
+      problem = tokenizer_lib.text_problem(record)
+      yield lineno, ConversationError(f"{path}:{lineno}: {problem}") if problem else record
 
 
 def check_conversation(record: Any) -> Conversation:

@@ -299,6 +299,9 @@ def _jsonl_document(path, lineno: int, line: str, text_field: str) -> Document:
     ) from None
   if not isinstance(record, dict):
     raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+  problem = tokenizer_lib.text_problem(record)
+  if problem:
+    raise DataError(f"{path}:{lineno}: {problem}")
   if text_field not in record:
     raise DataError(
         f"{path}:{lineno}: no field {text_field!r} (fields: {', '.join(map(str, record))})"
@@ -513,8 +516,21 @@ def pack_documents(
     add_bos: bool = False,
     num_threads: int = -1,
 ) -> PackedCorpus:
-  """Tokenizes `docs` (in C++ threads) and packs them into rows of `seq_len`."""
-  token_lists = tokenizer.encode_batch([d.text for d in docs], num_threads)
+  """Tokenizes `docs` (in C++ threads) and packs them into rows of `seq_len`.
+
+  Documents are text (`Tokenizer.encode_text_batch`): a literal "<mask>" or
+  "<|user|>" in a document is spelled in byte pieces, never a reserved id. Raises
+  DataError naming the document's file (and line) for text that is not valid Unicode.
+  """
+  try:
+    token_lists = tokenizer.encode_text_batch([d.text for d in docs], num_threads)
+  except ValueError:
+    for d in docs:
+      problem = tokenizer_lib.text_problem(d.text)
+      if problem:
+        where = ":".join(str(d.meta[k]) for k in ("file", "line") if k in d.meta)
+        raise DataError(f"{where or 'a document'}: {problem}") from None
+    raise
   return pack_token_lists(
       token_lists, seq_len, tokenizer.eos_id, tokenizer.bos_id if add_bos else None
   )

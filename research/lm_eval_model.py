@@ -204,11 +204,11 @@ class ResearchLM(TemplateLM):
     ids, start = [], 0
     for m in _CHAT_RE.finditer(string):
       if m.start() > start:
-        ids += self.tokenizer.encode(string[start:m.start()])
+        ids += self.tokenizer.encode_text(string[start:m.start()])
       ids.append(_CHAT_PIECES[m.group()])
       start = m.end()
     if start < len(string):
-      ids += self.tokenizer.encode(string[start:])
+      ids += self.tokenizer.encode_text(string[start:])
     return ids
 
   def tok_decode(self, ids) -> str:

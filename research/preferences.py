@@ -114,12 +114,15 @@ def _records(path: pathlib.Path):
     if not raw.strip():
       continue
     try:
-      yield lineno, json.loads(raw.decode('utf-8'))
+      record = json.loads(raw.decode('utf-8'))
     except UnicodeDecodeError as e:
       yield lineno, PreferenceError(f'{path}:{lineno}: not UTF-8 at byte {e.start}')
     except json.JSONDecodeError as e:
       yield lineno, PreferenceError(f'{path}:{lineno}: malformed JSON ({e.msg} at column '
                                     f'{e.colno})')
+    else:  # the text policy of research/tokenizer.py: invalid Unicode is an error
+      problem = tokenizer_lib.text_problem(record)
+      yield lineno, PreferenceError(f'{path}:{lineno}: {problem}') if problem else record
 
 
 def hh_pair(chosen: str, rejected: str) -> tuple[Pair | None, str | None]:

@@ -89,7 +89,7 @@ def continuation_prompts(held_docs: Sequence, tokenizer, *, seed: int, min_sente
       if text in seen:
         continue
       seen.add(text)
-      encoded = tokenizer.encode(text)
+      encoded = tokenizer.encode_text(text)
       if 0 < len(encoded) <= max_prompt_tokens:
         texts.append(text)
         ids.append(encoded)

@@ -305,10 +305,16 @@ def greedy_uncached(params, prompt_BxP, prompt_lengths_B, *, cfg, max_new_tokens
   return jax.lax.fori_loop(0, max_new_tokens, step, tokens)
 
 
-def encode_prompts(tokenizer, prompts, fallback_id=None):
-  """Texts -> (left-aligned int32 prompts B×P, lengths B); an empty text -> [fallback]."""
+def encode_prompts(tokenizer, prompts, fallback_id=None, encode=None):
+  """Texts -> (left-aligned int32 prompts B×P, lengths B); an empty text -> [fallback].
+
+  Prompts are text (`encode` defaults to `tokenizer.encode_text`: a literal "<mask>"
+  or "<|user|>" is spelled in byte pieces, never a reserved id; research/tokenizer.py's
+  text policy). Raises ValueError for a prompt that is not valid Unicode.
+  """
   fallback_id = tokenizer.eos_id if fallback_id is None else fallback_id
-  encoded = [tokenizer.encode(p) or [fallback_id] for p in prompts]
+  encode = tokenizer.encode_text if encode is None else encode
+  encoded = [encode(p) or [fallback_id] for p in prompts]
   prompt = np.zeros((len(encoded), max(len(e) for e in encoded)), np.int32)
   for i, e in enumerate(encoded):
     prompt[i, :len(e)] = e

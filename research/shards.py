@@ -61,6 +61,10 @@ from research import data
 from research import tokenizer as tokenizer_lib
 
 FORMAT = "research.shards/1"
+# How special-token text in documents is encoded (tokenizer.py's text policy): "text",
+# byte pieces, never a reserved id. Manifests written before the policy lack the key;
+# their shards are read only if they hold no reserved id (then they are identical).
+SPECIAL_TEXT = "text"
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
 BLOCK_BYTES = 1 << 20  # CRC32 granularity of .tokens files
@@ -131,7 +135,7 @@ def plan_units(files: Sequence[dict], unit_bytes: int) -> list[list[int]]:
 def new_manifest(corpus: dict, tokenizer: tokenizer_lib.Tokenizer, split_seed: int,
                  unit_bytes: int = DEFAULT_UNIT_BYTES) -> dict:
   """The manifest of a preparation not yet started (no shards, complete False)."""
-  return dict(format=FORMAT,
+  return dict(format=FORMAT, special_text=SPECIAL_TEXT,
               tokenizer=dict(fingerprint=tokenizer.fingerprint,
                              vocab_size=tokenizer.vocab_size),
               token_dtype=token_dtype(tokenizer.vocab_size).str, split_seed=split_seed,
@@ -141,7 +145,8 @@ def new_manifest(corpus: dict, tokenizer: tokenizer_lib.Tokenizer, split_seed: i
 
 def manifest_conflict(old: dict, new: dict) -> str | None:
   """Why shards of manifest `old` cannot be continued as `new` (one line), or None."""
-  for key in ("format", "tokenizer", "token_dtype", "split_seed", "unit_bytes"):
+  for key in ("format", "special_text", "tokenizer", "token_dtype", "split_seed",
+              "unit_bytes"):
     if old.get(key) != new.get(key):
       return f"made with {key} {old.get(key)}, not {new.get(key)}"
   a, b = old["corpus"], new["corpus"]
@@ -260,7 +265,10 @@ def write_shard(folder: str | pathlib.Path, index: int, texts: Iterable[str],
 
     def flush(batch: list[str]) -> None:
       nonlocal position, counts, num_chars
-      ids = tokenizer.encode_batch(batch, num_threads=1)
+      try:  # documents are text: special-token text never becomes a reserved id
+        ids = tokenizer.encode_text_batch(batch, num_threads=1)
+      except ValueError as e:  # invalid Unicode; iter_file_documents names file and line
+        raise DataError(f"shard {index}: {e}") from None
       lengths = np.fromiter((len(t) + 1 for t in ids), np.int64, len(ids))
       for t in ids:
         t.append(eos)
@@ -437,6 +445,10 @@ def open_source(folder: str | pathlib.Path) -> Source:
     lengths.append(np.diff(ends, prepend=0))
     shard_of.append(np.full(n, k, np.int32))
     keys.append(docs[:, 1])
+  forged = int(counts[tokenizer_lib.MASK_ID:tokenizer_lib.NUM_SPECIAL].sum())
+  if manifest.get("special_text") != SPECIAL_TEXT and forged:
+    raise DataError(f"{path}: prepared before special-token text in documents was encoded "
+                    f"as text ({forged} reserved ids in the shards): run prepare_data again")
   cat = lambda xs, t: np.concatenate(xs).astype(t) if xs else np.zeros(0, t)
   return Source(folder, manifest, files, cat(shard_of, np.int32), cat(starts, np.int64),
                 cat(lengths, np.int64), cat(keys, np.uint64), counts)

@@ -36,6 +36,20 @@ text must be escaped by the chat template if it may contain these strings:
 `encode_text` does that, spelling every literal occurrence of a user-defined
 piece in its byte-fallback pieces (id 113 + byte), so it never emits an id below
 113 and `decode(encode_text(text)) == text`.
+Text entering the system (`TEXT POLICY`, applied by every loader and entry point):
+- Invalid Unicode is refused, never replaced: a lone surrogate ("\\ud83d", which JSON
+  allows and UTF-8 cannot encode; also what Python makes of undecodable bytes in a
+  command-line argument) has no UTF-8 spelling and no token. `text_problem(value)`
+  finds it in a string or anywhere in a decoded JSON record; loaders raise their
+  one-line error naming the file and line (or the flag) with its text. Files are
+  decoded as strict UTF-8 (undecodable bytes are an error naming the byte offset).
+- Special-token text in data is text: corpora, pretraining documents and `sample`
+  prompts are encoded with `encode_text` / `encode_text_batch`, so a literal
+  "<mask>" or "<extra_id_0>" in a document cannot become the masked or span
+  objectives' own ids, nor "<|user|>" a chat header. Only code that builds
+  structure on purpose (the chat template around content, fill-mask's "<mask>",
+  the Hugging Face tokenizer mirror) uses `encode`, which matches them.
+
 Ids 0-3 are control symbols: `encode` never emits them and `decode` drops them
 (decodes them to ""), so `decode(encode(text)) == text` for every text and a
 packed row decodes without "</s>" noise.
@@ -54,6 +68,7 @@ import io
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -90,6 +105,51 @@ _NUM_BYTES = 256
 _SPACE_MARK = "\u2581"
 # The user-defined pieces (ids 4-112) as text; none is a prefix of another.
 _USER_DEFINED_RE = re.compile("|".join(re.escape(p) for p in _USER_DEFINED))
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def text_problem(value: Any) -> str | None:
+  """None if `value` holds only valid Unicode text, else one line saying what is wrong.
+
+  `value` is a string or a decoded JSON value (dicts, keys included, and lists are
+  searched; numbers, booleans and None are fine). Invalid means a lone surrogate
+  code point (U+D800..U+DFFF): valid in a JSON string escape ("\\ud83d" without its
+  pair), produced by Python for undecodable bytes in argv, but not encodable as
+  UTF-8 and so not text the tokenizer can read. The line names the code point, its
+  character offset and a few characters before it, e.g.
+  "invalid Unicode: lone surrogate U+D83D at character 5 (after 'hello'); ...".
+  """
+  if isinstance(value, str):
+    m = None if value.isascii() else _SURROGATE_RE.search(value)
+    if m is None:
+      return None
+    before = value[max(0, m.start() - 20):m.start()]
+    before = _SURROGATE_RE.sub("?", before)
+    return (f"invalid Unicode: lone surrogate U+{ord(m.group()):04X} at character "
+            f"{m.start()} (after {before!r}); text must be valid UTF-8 (a JSON "
+            "\\uD8xx escape needs its \\uDCxx pair)")
+  if isinstance(value, dict):
+    for k, v in value.items():
+      problem = text_problem(k) or text_problem(v)
+      if problem:
+        return problem
+  elif isinstance(value, (list, tuple)):
+    for v in value:
+      problem = text_problem(v)
+      if problem:
+        return problem
+  return None
+
+
+class TextError(ValueError):
+  """Text that is not valid Unicode (see `text_problem`); the message is one line."""
+
+
+def check_text(value: Any, where: str) -> None:
+  """Raises TextError("{where}: invalid Unicode: ...") when `text_problem(value)`."""
+  problem = text_problem(value)
+  if problem:
+    raise TextError(f"{where}: {problem}")
 
 
 class Tokenizer:
@@ -122,6 +182,7 @@ class Tokenizer:
     its reserved id, so user content cannot forge chat structure. Text between
     such strings is encoded by `encode`. `decode` gives `text` back exactly.
     """
+    check_text(text, "encode_text")
     ids: list[int] = []
     start = 0
     for m in _USER_DEFINED_RE.finditer(text):
@@ -133,12 +194,40 @@ class Tokenizer:
       ids += self.encode(text[start:])
     return ids
 
+  def encode_text_batch(
+      self, texts: Sequence[str], num_threads: int = -1
+  ) -> list[list[int]]:
+    """`encode_text` of many texts: texts without special-token text go through
+    `encode_batch` in C++ threads (-1: all cores), the others one by one.
+    Raises TextError ("text I: invalid Unicode: ...") as `encode_batch`."""
+    texts = list(texts)
+    plain = [i for i, t in enumerate(texts) if not _USER_DEFINED_RE.search(t)]
+    out: list[list[int]] = [None] * len(texts)  # type: ignore[list-item]
+    for i, ids in zip(plain, self.encode_batch([texts[i] for i in plain], num_threads)):
+      out[i] = ids
+    for i, text in enumerate(texts):
+      if out[i] is None:
+        try:
+          out[i] = self.encode_text(text)
+        except TextError as e:
+          raise TextError(f"text {i}: {str(e).split(': ', 1)[1]}") from None
+    return out
+
   def encode_batch(
       self, texts: Sequence[str], num_threads: int = -1
   ) -> list[list[int]]:
-    """`encode` of many texts, in C++ threads (-1: all cores)."""
+    """`encode` of many texts, in C++ threads (-1: all cores).
+
+    Raises TextError "text I: invalid Unicode: ..." for a text that is not valid
+    Unicode (see `text_problem`; loaders check first, to name the file and line).
+    """
     texts = list(texts)
-    out = self._sp.encode(texts, num_threads=num_threads)
+    try:
+      out = self._sp.encode(texts, num_threads=num_threads)
+    except (TypeError, UnicodeError):
+      for i, text in enumerate(texts):
+        check_text(text, f"text {i}")
+      raise
     for i, text in enumerate(texts):
       if _SPACE_MARK in text:
         out[i] = self._encode_with_marks(text)
@@ -266,6 +355,8 @@ def train_tokenizer(
   if vocab_size < min_vocab:
     raise ValueError(f"vocab_size {vocab_size} < {min_vocab} (specials + bytes + 1)")
   sentences = training_sentences(texts, max_training_chars, max_sentence_chars, seed)
+  for sentence in sentences:
+    check_text(sentence, "train_tokenizer")
   if not sentences:
     raise ValueError("train_tokenizer: no non-empty text to train on")
   model = io.BytesIO()
@@ -324,7 +415,8 @@ def load_or_train(
   """The first tokenizer file of `paths` that exists, else one trained on `texts()`.
 
   Returns (tokenizer, trained). Raises ValueError when the vocabulary size is not
-  `vocab_size` (a file of another run) or cannot be trained (see `train_tokenizer`).
+  `vocab_size` (a file of another run) or cannot be trained (see `train_tokenizer`),
+  TextError (a ValueError) when a text is not valid Unicode.
   """
   for path in paths:
     if path and os.path.exists(path):

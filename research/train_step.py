@@ -42,11 +42,28 @@ class OptimizerConfig:
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
-  warmup = max(1, min(cfg.warmup_steps, cfg.total_steps - 1))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
-      decay_steps=max(cfg.total_steps, warmup + 1),
-      end_value=cfg.learning_rate * cfg.final_lr_fraction)
+  """Learning rate (float32 scalar) of step t = 0, 1, ...: linear warmup, then cosine.
+
+  With peak = learning_rate, W = min(warmup_steps, total_steps), T = total_steps and
+  end = final_lr_fraction * peak (nanoGPT's `get_lr`, Karpathy 2022; cosine decay as
+  Loshchilov & Hutter 2017):
+    t < W:       peak * (t + 1) / W          (step 0 already learns; step W - 1 is at peak)
+    W <= t < T:  end + (peak - end) * (1 + cos(pi * (t - W) / (T - W))) / 2
+    t >= T:      end
+  warmup_steps=0 is the full rate from step 0. Never 0 during the run: a warmup that
+  starts at 0 wastes the first update (its AdamW moments are still accumulated).
+  """
+  peak, end = cfg.learning_rate, cfg.learning_rate * cfg.final_lr_fraction
+  warmup = max(0, min(cfg.warmup_steps, cfg.total_steps))
+  decay = max(cfg.total_steps - warmup, 1)
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    cosine = end + 0.5 * (peak - end) * (1 + jnp.cos(jnp.pi * jnp.clip((t - warmup) / decay,
+                                                                         0.0, 1.0)))
+    cosine = jnp.where(t >= cfg.total_steps, end, cosine)
+    return jnp.where(t < warmup, peak * (t + 1) / max(warmup, 1), cosine)
+  return schedule
 
 
 def decay_mask(params):

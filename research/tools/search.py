@@ -43,6 +43,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from research import data as data_lib
+from research import tokenizer as tokenizer_lib
 
 _WORD_RE = re.compile(r"\w+")
 MAX_QUERY_CHARS = 200
@@ -188,6 +189,9 @@ def corpus_documents(corpus: str, text_field: str = "text",
         record = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+      problem = tokenizer_lib.text_problem(record)  # research/tokenizer.py's text policy
+      if problem:
+        raise ValueError(f"{path}:{lineno}: {problem}")
       if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
         raise ValueError(f"{path}:{lineno}: expected an object with a string {text_field!r}")
       docs.append((str(record.get(title_field, f"{path.stem} {lineno}")), record[text_field]))
