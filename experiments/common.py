@@ -183,8 +183,10 @@ class MetricWriter:
     if not self.active:
       return
     row = {'step': int(step)}
-    for k, v in metrics.items():
+    for k, v in (metrics or {}).items():
       name = f'{prefix}{k}'
+      if v is None:  # a metric over zero items (e.g. no validation split): absent
+        continue
       if isinstance(v, str):
         row[name] = v
         if self.tb:
@@ -194,6 +196,8 @@ class MetricWriter:
       row[name] = v
       if self.tb and math.isfinite(v):
         self.tb.add_scalar(name, v, step)
+    if len(row) == 1:
+      return
     self.jsonl.write(json.dumps(row) + '\n')
     self.jsonl.flush()
 

@@ -224,8 +224,8 @@ def think(config, root, tokenizer, train, test) -> dict:
     by_k = {}
     for k in range(1, config['think']['max_k'] + 1):
       r = [ok for c, ok in zip(test, right) if len(c.ops) == k]
-      by_k[k] = dict(n=len(r), accuracy=float(np.mean(r)),
-                     ci=list(evaluation.wilson_interval(sum(r), len(r))))
+      acc = evaluation.accuracy_summary(r)  # None (not NaN) when no test chain has k steps
+      by_k[k] = dict(n=len(r), accuracy=acc['accuracy'], ci=acc['interval'] or [None, None])
     out[fmt] = dict(by_k=by_k, train_tokens=int(sum(len(tokenizer.encode(t)) for t in texts)),
                     example=lim.chain_prompt(test[-1], fmt) + gens[-1])
   return out

@@ -11,10 +11,9 @@ iteration, anything that advances a pytree state by one batch. The loop owns wha
 every stage needs around it, once:
 
   - hooks every n steps (evaluate, sample, ...), their metrics logged under `eval/`;
-  - checkpoints every n steps and at the end (Orbax, async), with the data
-    iterator's state (anything with get_state/set_state returning JSON: a grain
-    iterator, an EpochSampler) in the checkpoint's meta, so it restores onto any number
-    of processes, and a stage's own meta;
+  - checkpoints every n steps and at the end (Orbax, async), with the data iterator's
+    state (anything with get_state/set_state returning JSON: a grain iterator, an
+    EpochSampler) in the checkpoint's meta (restores onto any number of processes);
   - exact resume: the state, the data iterator and `metrics.jsonl` truncated to the
     restored step, so the file never holds a step twice;
   - a wall-clock budget (`max_minutes`), SIGTERM / Ctrl-C save-and-exit at the next
@@ -414,17 +413,18 @@ def train_language_model(setup: LMSetup, workdir, objective, mesh, *, fresh_conf
                f'non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token (palm: every matmul), '
                f'objective {config["objective"]["name"]}, mesh {dict(mesh.shape)}, '
                f'{setup.train_rows.num_tokens / 1e6:.2f}M train tokens')
+    if not setup.validation_rows.num_rows:  # validation losses are then None (JSON null)
+      common.log('no validation split (a validation_fraction of 0, or too few documents)')
     if hasattr(setup.train_rows, 'tokens_drawn'):  # a mixture: tokens taken from each source
       loop.add_hook(lambda step, state: setup.train_rows.tokens_drawn(
           step * dc['batch_size'], config['seed']), tc['log_every'], 'train/source_tokens/')
     if tc['eval_every']:
       loop.add_hook(lambda step, state: (validation(step, state) if step < tc['steps'] else
                                          None), every=tc['eval_every'])
-    result = loop.run(
-        state, step_fn, data_iter, first_step=int(state.step),
-        meta_fn=lambda step: dict(seed=config['seed'], config=config,
-                                  tokenizer_fingerprint=tokenizer.fingerprint,
-                                  data=setup.data_identity))
+    result = loop.run(state, step_fn, data_iter, first_step=int(state.step),
+                      meta_fn=lambda step: dict(seed=config['seed'], config=config,
+                                                tokenizer_fingerprint=tokenizer.fingerprint,
+                                                data=setup.data_identity))
     state, step = result.state, result.step
     # The final figure: the whole split, or train.final_eval_batches (optional) where a
     # study with a large held-out split runs many models.

@@ -110,7 +110,8 @@ def train(config, workdir) -> dict:
 def main(config, workdir):
   common.maybe_initialize_distributed()
   summary = train(config, workdir)
-  common.log('\nfinal validation: ' + json.dumps(summary['validation']))
+  if any(v is not None for v in summary['validation'].values()):  # else: no validation split
+    common.log('\nfinal validation: ' + json.dumps(summary['validation']))
   common.log(f'unigram entropy of the corpus: {summary["unigram_entropy"]:.3f} nats/token')
   for s in summary['samples']:
     common.log(f'sample: {s!r}')

@@ -19,7 +19,6 @@ import pathlib
 import time
 
 import jax
-import numpy as np
 from experiments import common
 from experiments import loop as loop_lib
 from experiments import sft_report
@@ -181,18 +180,14 @@ def evaluate(params, cfg, tokenizer, config, held, problems) -> dict:
     by_k = collections.defaultdict(list)
     for p, c in zip(test, correct):
       by_k[p.k].append(c)
-    out['word_problems_by_k'] = {
-        int(k): dict(correct=int(sum(v)), total=len(v), accuracy=float(np.mean(v)),
-                     interval=evaluation.wilson_interval(int(sum(v)), len(v)))
-        for k, v in sorted(by_k.items())}
+    out['word_problems_by_k'] = {int(k): evaluation.accuracy_summary(v)
+                                 for k, v in sorted(by_k.items())}
     for k, share in majority_answer_share(test).items():
       out['word_problems_by_k'][k]['majority_answer'] = share
   if 'gsm8k' in problems:
     items = [(e.conversation[:1], e.answer) for e in problems['gsm8k']]
     correct = answer_accuracy(params, cfg, tokenizer, items, ec)
-    out['gsm8k'] = dict(correct=int(sum(correct)), total=len(correct),
-                        accuracy=float(np.mean(correct)),
-                        interval=evaluation.wilson_interval(int(sum(correct)), len(correct)))
+    out['gsm8k'] = evaluation.accuracy_summary(correct)  # accuracy None on 0 problems
   if ec['tools']:
     tools = tools_registry.default_tools(search_lib.corpus_index(config['data']['search_corpus']))
     out['tools'] = tools_eval.evaluate_tools(params, cfg, tokenizer, problems, tools,

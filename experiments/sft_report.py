@@ -26,10 +26,11 @@ def report(main: dict, twin: dict | None, config: dict) -> str:
            '## Held-out loss on assistant tokens (nats/token)', '',
            '| source | ' + main['format'] + (' | ' + twin['format'] if twin else '') + ' |',
            '|---|---|' + ('---|' if twin else '')]
+  loss_cell = lambda x: '–' if x is None else f'{x:.3f}'  # None: no held-out conversations
   for source, loss in main['eval']['heldout_assistant_loss'].items():
-    extra = f' {twin["eval"]["heldout_assistant_loss"].get(source, float("nan")):.3f} |' \
+    extra = f' {loss_cell(twin["eval"]["heldout_assistant_loss"].get(source))} |' \
         if twin else ''
-    lines.append(f'| {source} | {loss:.3f} |{extra}')
+    lines.append(f'| {source} | {loss_cell(loss)} |{extra}')
   if 'word_problems_by_k' in main['eval']:
     lines += ['', '## Synthetic word problems: exact match of the final number (greedy)', '',
               'k = number of arithmetic steps; 95 % Wilson intervals; "most common answer" is '
@@ -39,6 +40,8 @@ def report(main: dict, twin: dict | None, config: dict) -> str:
               ' | most common answer |',
               '|---|---|' + ('---|' if twin else '') + '---|']
     def cell(r):
+      if r['accuracy'] is None:  # no problems with this k
+        return f'– (0/{r["total"]})'
       lo, hi = r['interval']
       return f'{r["accuracy"]:.2f} [{lo:.2f}, {hi:.2f}] ({r["correct"]}/{r["total"]})'
     for k, r in main['eval']['word_problems_by_k'].items():
@@ -46,10 +49,13 @@ def report(main: dict, twin: dict | None, config: dict) -> str:
       lines.append(f'| {k} | {cell(r)} |{extra} {r.get("majority_answer", float("nan")):.2f} |')
   if 'gsm8k' in main['eval']:
     g = main['eval']['gsm8k']
-    lo, hi = g['interval']
-    lines += ['', f'GSM8K test, first {g["total"]} problems, greedy: exact match '
-              f'{g["accuracy"]:.3f} [{lo:.3f}, {hi:.3f}] ({g["correct"]}/{g["total"]}). A model '
-              'of a few million parameters is expected near zero here.']
+    if g['accuracy'] is None:
+      lines += ['', 'GSM8K test: no problems (nothing to score).']
+    else:
+      lo, hi = g['interval']
+      lines += ['', f'GSM8K test, first {g["total"]} problems, greedy: exact match '
+                f'{g["accuracy"]:.3f} [{lo:.3f}, {hi:.3f}] ({g["correct"]}/{g["total"]}). A '
+                'model of a few million parameters is expected near zero here.']
   if 'tools' in main['eval']:
     lines += tools_eval.report_lines(main['eval'], main['eval']['tools'])
   lines += ['', '## Chat samples (greedy)', '']

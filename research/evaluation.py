@@ -312,6 +312,16 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
   return summarize(a - b, confidence)
 
 
+def accuracy_summary(correct: Sequence[bool]) -> dict:
+  """{correct, total, accuracy, interval} of per-item results; on 0 items accuracy and
+  interval are None (JSON null), never a 0.0 or NaN that reads like a measurement."""
+  n, total = int(sum(bool(c) for c in correct)), len(correct)
+  if not total:
+    return dict(correct=0, total=0, accuracy=None, interval=None)
+  return dict(correct=n, total=total, accuracy=n / total,
+              interval=list(wilson_interval(n, total)))
+
+
 def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
   """Wilson score interval of a binomial proportion (accuracy on `total` items)."""
   if total <= 0:
@@ -345,7 +355,8 @@ def make_heldout_loss_fn(model, objective, ids, z_loss: float = 0.0):
 def heldout_losses(eval_fn, params, batches: Iterable[dict], max_batches: int = 0,
                    seed: int = 0) -> dict:
   """{'objective_loss', 'causal_loss'}: mean nats per scored token over `batches`
-  (the first `max_batches`, 0 = all); batch i draws its corruption with key seed + i."""
+  (the first `max_batches`, 0 = all); batch i draws its corruption with key seed + i.
+  Each is None when no token was scored (an empty validation split), never 0.0."""
   totals = {'objective': [0.0, 0.0], 'causal': [0.0, 0.0]}
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
@@ -353,7 +364,7 @@ def heldout_losses(eval_fn, params, batches: Iterable[dict], max_batches: int = 
     for k, (loss, n) in eval_fn(params, batch, jax.random.key(seed + i)).items():
       totals[k][0] += float(loss)
       totals[k][1] += float(n)
-  return {f'{k}_loss': loss / max(n, 1.0) for k, (loss, n) in totals.items()}
+  return {f'{k}_loss': loss / n if n else None for k, (loss, n) in totals.items()}
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:

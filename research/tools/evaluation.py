@@ -128,9 +128,7 @@ def with_tools_accuracy(params, cfg, tokenizer, items, tools: Mapping[str, regis
 
 
 def _summary(correct: Sequence[bool]) -> dict:
-  n = int(sum(correct))
-  return dict(correct=n, total=len(correct), accuracy=n / len(correct) if correct else 0.0,
-              interval=evaluation.wilson_interval(n, len(correct)))
+  return evaluation.accuracy_summary(correct)  # accuracy None on 0 items
 
 
 def evaluate_tools(params, cfg, tokenizer, problems: dict, tools: Mapping[str, registry.Tool],
@@ -193,7 +191,7 @@ def evaluate_tools(params, cfg, tokenizer, problems: dict, tools: Mapping[str, r
 
 
 def _cell(r: dict | None) -> str:
-  if not r:
+  if not r or r["accuracy"] is None:
     return "–"
   lo, hi = r["interval"]
   return f'{r["accuracy"]:.2f} [{lo:.2f}, {hi:.2f}] ({r["correct"]}/{r["total"]})'
