@@ -354,7 +354,7 @@ def test_pretraining_without_a_validation_split_reports_null(tmp_path, capsys):
   from tests.test_pretrain import write_corpus  # pylint: disable=g-import-not-at-top
   corpus = write_corpus(tmp_path / 'corpus', docs=8)
   config = _set(pretrain_config.get_config('tiny'), data__corpus=corpus, data__seq_len=32,
-                data__batch_size=4, tokenizer__vocab_size=400, model__d_model=16,
+                data__batch_size=4, tokenizer__vocab_size=512, model__d_model=16,
                 model__num_layers=1, model__num_heads=2, train__steps=2, train__eval_every=1,
                 train__num_samples=0, data__validation_fraction=0.0)
   summary = pretrain.train(config, tmp_path / 'w')
