@@ -203,14 +203,13 @@ class Tokenizer:
     texts = list(texts)
     plain = [i for i, t in enumerate(texts) if not _USER_DEFINED_RE.search(t)]
     out: list[list[int]] = [None] * len(texts)  # type: ignore[list-item]
+    for i, text in enumerate(texts):
+      check_text(text, f"text {i}")  # here, to number the text in `texts`
     for i, ids in zip(plain, self.encode_batch([texts[i] for i in plain], num_threads)):
       out[i] = ids
     for i, text in enumerate(texts):
       if out[i] is None:
-        try:
-          out[i] = self.encode_text(text)
-        except TextError as e:
-          raise TextError(f"text {i}: {str(e).split(': ', 1)[1]}") from None
+        out[i] = self.encode_text(text)
     return out
 
   def encode_batch(
