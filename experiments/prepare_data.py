@@ -137,7 +137,9 @@ def prepare(corpus: str, out, *, tokenizer: str = '', vocab_size: int = 0, worke
     unit_bytes: corpus bytes per shard. progress: show a tqdm bar (tokens/s, ETA).
   Raises data.DataError (bad corpus: a missing path, a Parquet file without the text
   column, an empty corpus, malformed records) or common.UserError (a folder of another
-  preparation, no tokenizer); nothing written before the corpus and folder are checked.
+  preparation, no tokenizer); nothing written before the corpus and folder are checked,
+  and a bad record found while tokenizing leaves no half-written file (and no folder, if
+  this call made it and finished no shard).
   """
   out = pathlib.Path(out)
   description = shards_lib.describe_corpus(corpus, text_field)
@@ -146,6 +148,7 @@ def prepare(corpus: str, out, *, tokenizer: str = '', vocab_size: int = 0, worke
   if own.is_file() and tokenizer_lib.Tokenizer.load(own).fingerprint != tok.fingerprint:
     raise common.UserError(f'{own}: another tokenizer than --tokenizer={tokenizer}; prepare '
                            'into a new --out (nothing changed)')
+  created = not out.exists() or not any(out.iterdir())
   manifest = _start(out, shards_lib.new_manifest(description, tok, split_seed, unit_bytes), tok)
   for stale in out.glob('*.tmp*'):  # half-written files of a killed run
     stale.unlink()
@@ -196,6 +199,12 @@ def prepare(corpus: str, out, *, tokenizer: str = '', vocab_size: int = 0, worke
             pending.remove(result)
             record(result.get())  # re-raises a worker's DataError
           tick()
+  except data_lib.DataError:  # a bad record: no half-written file; a new folder removed
+    if created and not manifest['shards']:
+      shutil.rmtree(out, ignore_errors=True)
+    for stale in out.glob('*.tmp*'):
+      stale.unlink()
+    raise
   finally:
     bar.close()
   manifest['num_documents'] = sum(r['num_documents'] for r in manifest['shards'])

@@ -184,6 +184,41 @@ def test_special_token_text_in_a_corpus_is_text_in_memory_and_in_shards(tmp_path
   assert record['num_tokens'] == len(flat)
 
 
+def test_prepare_data_encodes_special_text_as_text_and_refuses_old_shards(tmp_path, tok):
+  """experiments.prepare_data: the same rows as in memory; shards prepared before the
+  policy that hold reserved ids are refused (one line), and a lone surrogate names its
+  file and line with nothing left half-written."""
+  from experiments import prepare_data  # pylint: disable=g-import-not-at-top
+  tok_file = tmp_path / 'tokenizer.model'
+  tok.save(tok_file)
+  corpus = _jsonl(tmp_path / 'c.jsonl', [{'text': SPECIAL_TEXT}, {'text': 'the union'}])
+  out = tmp_path / 'shards'
+  prepare_data.prepare(str(corpus), out, tokenizer=str(tok_file))
+  source = shards.open_source(out)
+  assert not tokenizer_lib.is_special(source.counts.nonzero()[0][
+      source.counts.nonzero()[0] != tok.eos_id]).any()
+  manifest = json.loads((out / shards.MANIFEST_FILE).read_text())
+  assert manifest['special_text'] == 'text'
+  # The same folder as an older preparation would have made it: reserved ids inside.
+  del manifest['special_text']
+  (out / shards.MANIFEST_FILE).write_text(json.dumps(manifest))
+  open_source_of = lambda: shards.open_source(out)
+  assert open_source_of().counts.sum() == source.counts.sum()  # no reserved id: still fine
+  counts_file = out / shards.shard_file(0, 'counts.npy')
+  counts = np.load(counts_file)
+  counts[tok.mask_id] += 1
+  np.save(counts_file, counts)
+  record = manifest['shards'][0]
+  record['counts_crc32'] = shards.file_crc32(counts_file)
+  (out / shards.MANIFEST_FILE).write_text(json.dumps(manifest))
+  with pytest.raises(data_lib.DataError, match='prepared before special-token text'):
+    open_source_of()
+  bad = _jsonl(tmp_path / 'bad.jsonl', [{'text': 'fine'}, {'text': LONE}])
+  with pytest.raises(data_lib.DataError, match=r'bad\.jsonl:2: invalid Unicode'):
+    prepare_data.prepare(str(bad), tmp_path / 'bad_shards', tokenizer=str(tok_file))
+  assert not (tmp_path / 'bad_shards').exists()  # this call made it: removed
+
+
 def test_objectives_still_place_their_own_reserved_ids(tok):
   """The masked objective's <mask> lands only where it scores; a literal "<mask>" in the
   text is not one (with the old encoding it was: an unscored mask in the input)."""
