@@ -311,6 +311,10 @@ def prepare_study(config, workdir: pathlib.Path):
   docs = data_lib.load_corpus(pc.data.corpus, text_field=pc.data.text_field)
   train_docs, val_docs = data_lib.split_documents(docs, pc.data.validation_fraction,
                                                   seed=pc.data.split_seed)
+  if not val_docs:  # the study compares held-out losses: none would be a fake 0.0
+    raise common.UserError(f'pretrain.data.validation_fraction={pc.data.validation_fraction}'
+                           f' holds out none of {len(docs)} documents: the study needs a '
+                           'validation split')
   tok_path = workdir / checkpoint_lib.TOKENIZER_FILE
   try:
     tokenizer, trained = tokenizer_lib.load_or_train(

@@ -152,8 +152,11 @@ def prepare_corpus(config, study: pathlib.Path) -> tuple:
   docs = data_lib.load_corpus(dc.corpus, text_field=dc.text_field)
   # The split every run makes (seed = the first sweep seed), so the tokenizer never sees
   # the validation documents.
-  train_docs, _ = data_lib.split_documents(docs, dc.validation_fraction,
-                                           seed=config.sweep.seeds[0])
+  train_docs, val_docs = data_lib.split_documents(docs, dc.validation_fraction,
+                                                  seed=config.sweep.seeds[0])
+  if not val_docs:  # every fit reads validation losses: none would be null rows
+    raise common.UserError(f'base.data.validation_fraction={dc.validation_fraction} holds out '
+                           f'none of {len(docs)} documents: the sweep needs a validation split')
   t0 = time.time()
   try:
     tokenizer, trained = tokenizer_lib.load_or_train(

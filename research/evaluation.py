@@ -65,13 +65,14 @@ def _causal_sums(params, batch, *, cfg):
   return sums['loss_sum'], sums['tokens']
 
 
-def causal_loss(params, cfg, batches: Iterable[dict]) -> float:
-  """Mean next-token cross-entropy (nats/token) under causal attention."""
+def causal_loss(params, cfg, batches: Iterable[dict]) -> float | None:
+  """Mean next-token cross-entropy (nats/token) under causal attention; None when no
+  token is scored (no batches), never 0.0."""
   total, count = 0.0, 0.0
   for batch in batches:
     loss, n = _causal_sums(params, batch, cfg=cfg)
     total, count = total + float(loss), count + float(n)
-  return total / max(count, 1.0)
+  return total / count if count else None
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'opt', 'z_loss'), donate_argnums=0)

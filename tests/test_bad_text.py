@@ -401,3 +401,23 @@ def test_pretraining_without_a_validation_split_reports_null(tmp_path, capsys):
   assert capsys.readouterr().out.count('no validation split') == 1
   from experiments import pipeline_report  # pylint: disable=g-import-not-at-top
   assert pipeline_report._f(saved['validation']['causal_loss']) == '–'  # pylint: disable=protected-access
+
+
+def test_studies_refuse_to_run_without_a_validation_split(tmp_path):
+  """compare_objectives and the scaling sweep compare held-out losses: with no held-out
+  document (a one-document corpus) they stop before writing, not report 0.0 or null."""
+  from configs import compare_objectives as co_config  # pylint: disable=g-import-not-at-top
+  from configs import scaling as scaling_config  # pylint: disable=g-import-not-at-top
+  from experiments import compare_objectives, scaling  # pylint: disable=g-import-not-at-top
+  assert evaluation.causal_loss(None, None, []) is None  # no token scored: no number
+  one = tmp_path / 'one.txt'
+  one.write_text('a single short document about the union\n')
+  config = co_config.get_config()
+  config.pretrain.data.corpus = str(one)
+  with pytest.raises(common.UserError, match='holds out none of 1 documents'):
+    compare_objectives.prepare_study(config, tmp_path / 'co')
+  config = scaling_config.get_config('test')
+  config.base.data.corpus = str(one)
+  with pytest.raises(common.UserError, match='holds out none of 1 documents'):
+    scaling.prepare_corpus(config, tmp_path / 'sc')
+  assert not (tmp_path / 'co').exists() and not (tmp_path / 'sc').exists()
