@@ -17,7 +17,7 @@ import pathlib
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from research import scaling_fit as sf
 
@@ -467,5 +467,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from experiments import common  # pylint: disable=g-import-not-at-top  # (jax: only here)
   define_flags()
-  app.run(main)
+  common.run_main(main)

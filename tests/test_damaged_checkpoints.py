@@ -3,7 +3,6 @@ missing): a resume falls back to the newest readable step with one warning line 
 both steps and moves the damaged one aside (nothing deleted); a later stage reading the
 run (`sample`, `sft --init`) does the same without touching the folder; with no readable
 step every reader fails with one line (exit 2 on the command line), never starting over."""
-import json
 import pathlib
 import shutil
 
