@@ -49,41 +49,6 @@ def read_runs(path) -> list:
   return rows
 
 
-def row_name(rows, i) -> str:
-  """'row 3 (line 4)': the i-th (0-based) row, 1-based, with its CSV line when known."""
-  line = rows[i].get('_line')
-  return f'row {i + 1}' + (f' (line {line})' if line else '')
-
-
-def usable_runs(rows) -> tuple[dict, list, list]:
-  """(table, used, dropped): numeric arrays N, D, loss (and C when every row has one) of
-  the rows whose values are all positive finite numbers; the indices of those rows; and
-  (row index, reason) for each row left out, e.g. (3, "N='-1e6' is not positive")."""
-  keys = ['N', 'D', 'loss'] + (['C'] if all(r.get('C') for r in rows) else [])
-  used, dropped = [], []
-  for i, row in enumerate(rows):
-    problems = [f'{k}={row.get(k)!r} is {p}' for k in keys if (p := _problem(row.get(k)))]
-    if problems:
-      dropped.append((i, '; '.join(problems)))
-    else:
-      used.append(i)
-  table = {k: np.array([float(rows[i][k]) for i in used]) for k in keys}
-  return table, used, dropped
-
-
-def _problem(text) -> str:
-  """What is wrong with a cell that must hold a positive number ('' when nothing)."""
-  if text is None or not str(text).strip():
-    return 'missing'
-  try:
-    x = float(text)
-  except ValueError:
-    return 'not a number'
-  if not math.isfinite(x):
-    return 'not finite'
-  return '' if x > 0 else 'not positive'
-
-
 def convention_of(rows) -> str:
   names = sorted({r.get('convention', '') for r in rows} - {''})
   if len(names) > 1:
@@ -118,9 +83,9 @@ def analyse(rows, out_dir, *, delta=1e-3, bootstrap=200, grid='hoffmann', max_st
   convention = convention_of(rows)
   params = sorted({r.get('params_counted', '') for r in rows} - {''})
   label = f'[{convention} FLOPs' + (f', N = {params[0]} params]' if params else ']')
-  t, used, dropped = usable_runs(rows)
+  t, used, dropped = sf.usable_runs(rows)
   n, d, loss = t['N'], t['D'], t['loss']
-  dropped_text = [f'{row_name(rows, i)}: {why}' for i, why in dropped]
+  dropped_text = [f'{sf.row_name(rows, i)}: {why}' for i, why in dropped]
   if len(n) < 5:
     raise FitError(f'{len(n)} usable runs of {len(rows)}: approach 3 needs at least 5 (5 '
                    'parameters)' + (f'; dropped {dropped_text[0]}' if dropped else '')
@@ -130,7 +95,7 @@ def analyse(rows, out_dir, *, delta=1e-3, bootstrap=200, grid='hoffmann', max_st
   log(f'runs {label}: {len(rows)} read, {len(used)} used, {len(dropped)} dropped'
       + (': ' + '; '.join(dropped_text[:3]) if dropped else '')
       + (f' (and {len(dropped) - 3} more: all in report.md)' if len(dropped) > 3 else ''))
-  no_c = [row_name(rows, i) for i, r in enumerate(rows) if not r.get('C')]
+  no_c = [sf.row_name(rows, i) for i, r in enumerate(rows) if not r.get('C')]
   if 'C' not in t and len(no_c) < len(rows):
     log(f'approach 2 skipped: no C in {len(no_c)} rows ({", ".join(no_c[:3])}'
         + (', ...' if len(no_c) > 3 else '') + ')')
@@ -138,8 +103,8 @@ def analyse(rows, out_dir, *, delta=1e-3, bootstrap=200, grid='hoffmann', max_st
   k = float(np.exp(np.mean(np.log(t['C'] / (n * d))))) if 'C' in t else 6.0
   result = dict(convention=convention, params_counted=params[0] if params else None,
                 num_rows=len(rows), num_runs=int(len(n)), flops_per_param_token=k,
-                used_rows=[row_name(rows, i) for i in used],
-                dropped_rows=[dict(row=row_name(rows, i), reason=why) for i, why in dropped])
+                used_rows=[sf.row_name(rows, i) for i in used],
+                dropped_rows=[dict(row=sf.row_name(rows, i), reason=why) for i, why in dropped])
 
   a2 = None
   if 'C' in t:
@@ -411,10 +376,11 @@ def report(rows, result, label, notes, used=None, dropped=()) -> str:
   lines += ['', '## Runs used', '', '| row | ' + ' | '.join(cols) + ' |',
             '|' + '---|' * (len(cols) + 1)]
   for i in used:
-    lines.append(f'| {row_name(rows, i)} | ' + ' | '.join(_cell(rows[i][c]) for c in cols) + ' |')
+    lines.append(f'| {sf.row_name(rows, i)} | '
+                 + ' | '.join(_cell(rows[i][c]) for c in cols) + ' |')
   if dropped:
     lines += ['', '## Dropped rows', '', '| row | reason |', '|---|---|']
-    lines += [f'| {row_name(rows, i)} | {why} |' for i, why in dropped]
+    lines += [f'| {sf.row_name(rows, i)} | {why} |' for i, why in dropped]
   return '\n'.join(lines) + '\n'
 
 

@@ -26,6 +26,50 @@ import scipy.optimize  # pylint: disable=g-import-not-at-top
 import scipy.stats
 
 # --------------------------------------------------------------------------------------
+# A table of runs (dicts, e.g. CSV rows): which rows can be fitted.
+
+
+def row_name(rows, i) -> str:
+  """'row 3 (line 4)': the i-th (0-based) row, 1-based, with its CSV line when the row has
+  one (`_line`, as experiments.scaling_fit.read_runs records it)."""
+  line = rows[i].get('_line')
+  return f'row {i + 1}' + (f' (line {line})' if line else '')
+
+
+def usable_runs(rows) -> tuple[dict, list, list]:
+  """(table, used, dropped) of a table of runs (dicts of strings or numbers).
+
+  table: float64 arrays N (parameters), D (tokens), loss (nats/token) and C (FLOPs, only
+  when every row has one), of the rows whose values are all positive finite numbers;
+  used: the indices of those rows; dropped: (row index, reason) for each row left out,
+  e.g. (3, "N='-1e6' is not positive") — missing, not a number, not finite, not positive.
+  """
+  keys = ['N', 'D', 'loss'] + (['C'] if all(r.get('C') for r in rows) else [])
+  used, dropped = [], []
+  for i, row in enumerate(rows):
+    problems = [f'{k}={row.get(k)!r} is {p}' for k in keys if (p := _problem(row.get(k)))]
+    if problems:
+      dropped.append((i, '; '.join(problems)))
+    else:
+      used.append(i)
+  table = {k: np.array([float(rows[i][k]) for i in used]) for k in keys}
+  return table, used, dropped
+
+
+def _problem(text) -> str:
+  """What is wrong with a cell that must hold a positive number ('' when nothing)."""
+  if text is None or not str(text).strip():
+    return 'missing'
+  try:
+    x = float(text)
+  except ValueError:
+    return 'not a number'
+  if not math.isfinite(x):
+    return 'not finite'
+  return '' if x > 0 else 'not positive'
+
+
+# --------------------------------------------------------------------------------------
 # Approach 2: IsoFLOP parabolas.
 
 

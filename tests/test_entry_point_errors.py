@@ -72,7 +72,7 @@ def test_no_entry_point_calls_absl_app_run_directly():
   assert not bare, bare
 
 
-from tests.test_damaged_checkpoints import stage  # pylint: disable=wrong-import-position,unused-import
+from tests.test_damaged_checkpoints import stage  # noqa: E402,F401  (the fixture)
 
 
 @pytest.mark.parametrize('content, expected', [
