@@ -308,6 +308,33 @@ MUTATIONS = [
     Mutation('mixture_weights_unchecked', 'research/shards.py',
              "  if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:",
              "  if False:", ('tests/test_shards.py', '-k', 'bad_mixtures'), 'shards'),
+
+    # --- bad input (issue 19): damaged checkpoints, dropped rows, one error path ----------
+    Mutation('damaged_checkpoint_no_fallback', 'research/checkpoint.py',
+             "      damaged.append((step, reason))\n", "      raise CheckpointError(reason)\n",
+             ('tests/test_damaged_checkpoints.py', '-k', 'resume_falls_back and truncated'),
+             'bad_input'),
+    Mutation('damaged_checkpoint_left_in_place', 'research/checkpoint.py',
+             "where = f' (the damaged steps moved to {self.move_aside("
+             "[s for s, _ in damaged])}/)'", "where = ''",
+             ('tests/test_damaged_checkpoints.py', '-k', 'resume_falls_back and truncated'),
+             'bad_input'),
+    Mutation('checkpoint_verify_skips_chunks', 'research/checkpoint.py',
+             "    if not metadata_of_state(folder).get('use_ocdbt', False):", "    if True:",
+             ('tests/test_damaged_checkpoints.py', '-k', 'data_file_missing'), 'bad_input'),
+    Mutation('budgets_grouped_exactly', 'research/scaling_fit.py',
+             "limit = math.log1p(tolerance) * (1 + 1e-12)", "limit = 1e-12",
+             ('tests/test_scaling_fit.py', '-k', 'jittered'), 'bad_input'),
+    Mutation('report_lists_dropped_rows_as_used', 'experiments/scaling_fit.py',
+             "  for i in used:\n    lines.append(", "  for i in range(len(rows)):\n    lines.append(",
+             ('tests/test_scaling_fit.py', '-k', 'dropped_rows'), 'bad_input'),
+    Mutation('bad_flag_is_absl_exit_1', 'experiments/common.py',
+             ", flags_parser=_parse_flags)", ")",
+             ('tests/test_entry_point_errors.py', '-k', 'nope_flag'), 'bad_input'),
+    Mutation('sft_empty_jsonl_unchecked', 'experiments/sft.py',
+             "    if not convs:\n      raise common.UserError(",
+             "    if False:\n      raise common.UserError(",
+             ('tests/test_entry_point_errors.py', '-k', 'sft_jsonl'), 'bad_input'),
 ]
 
 
