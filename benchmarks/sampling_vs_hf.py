@@ -27,7 +27,9 @@ import numpy as np
 import torch
 import transformers
 
+from benchmarks import common as bench
 from configs import pretrain as pretrain_config
+from experiments import common
 from research import hf
 from research import model as model_lib
 from research import sampling
@@ -54,16 +56,19 @@ def hf_model(params, model_dict):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = bench.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--preset', default='small')
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--prompt_len', type=int, default=64)
-  parser.add_argument('--new_tokens', type=int, default=256)
-  parser.add_argument('--reps', type=int, default=3)
+  parser.add_argument('--batch', type=bench.positive_int, default=8)
+  parser.add_argument('--prompt_len', type=bench.positive_int, default=64)
+  parser.add_argument('--new_tokens', type=bench.positive_int, default=256)
+  parser.add_argument('--reps', type=bench.positive_int, default=3)
   parser.add_argument('--torch_threads', default=f'1,{os.cpu_count()}')
   args = parser.parse_args()
-  threads = sorted({int(n) for n in args.torch_threads.split(',')})
-  model_dict = dict(pretrain_config.get_config(args.preset).model.to_dict())
+  try:
+    threads = sorted({bench.positive_int(n) for n in args.torch_threads.split(',')})
+  except argparse.ArgumentTypeError as e:
+    parser.error(f'--torch_threads={args.torch_threads}: {e}')
+  model_dict = dict(bench.preset_config(pretrain_config, args.preset).model.to_dict())
   cfg = model_lib.TransformerConfig.from_dict(model_dict)
   b, p, n = args.batch, args.prompt_len, args.new_tokens
   z = jnp.zeros((1, 8), jnp.int32)
@@ -125,4 +130,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  common.exit_on_user_error(main)()

@@ -9,10 +9,11 @@ packing, the final whole-split evaluation, checkpoints), which --overhead_s sets
 """
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from benchmarks import common as bench
 from configs import scaling as scaling_config
+from experiments import common
 from experiments import scaling
 from research import flops as flops_lib
 from research import model as model_lib
@@ -21,7 +22,7 @@ from research import sharding
 from research import train_step as train_lib
 
 _PRESET = flags.DEFINE_string('preset', 'cpu', 'configs/scaling.py preset.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per shape (median reported).')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per shape (median reported).', lower_bound=1)
 _OVERHEAD = flags.DEFINE_float('overhead_s', 20.0, 'Seconds per run besides its steps.')
 
 
@@ -52,7 +53,7 @@ def step_seconds(config, model_cfg, repeats):
 
 def main(argv):
   del argv
-  config = scaling_config.get_config(_PRESET.value)
+  config = bench.preset_config(scaling_config, _PRESET.value)
   runs = scaling.plan(config)
   b, l = config.base.data.batch_size, config.base.data.seq_len
   convention = config.sweep.convention
@@ -80,4 +81,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run_main(main)

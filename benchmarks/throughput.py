@@ -15,7 +15,6 @@ update); and per component, forward+backward of all layers' attention, all layer
 `--plain` swaps research.kernels' functions for their plain reference versions at trace
 time, giving the "before" figures of a straightforward JAX step.
 """
-import argparse
 import contextlib
 import statistics
 import time
@@ -26,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import common as bench
 from configs import pretrain as pretrain_config
+from experiments import common
 from research import flops as flops_lib
 from research import kernels
 from research import model as model_lib
@@ -167,9 +168,9 @@ def report(name: str, t: dict) -> None:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = bench.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--plain', action='store_true', help='also the plain-JAX step (before)')
-  parser.add_argument('--reps', type=int, default=7)
+  parser.add_argument('--reps', type=bench.positive_int, default=7)
   args = parser.parse_args()
   print(f'device: {jax.devices()[0].device_kind}, bf16 dots native: '
         f'{kernels.bf16_dots_native()}')
@@ -191,4 +192,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  common.exit_on_user_error(main)()

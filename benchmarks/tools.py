@@ -22,9 +22,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from benchmarks import common as bench
 from configs import pretrain as pretrain_config
+from experiments import common
 from research import model as model_lib
 from research import sampling
 from research.tools import registry
@@ -32,10 +34,11 @@ from research.tools import runtime
 from research.tools import search as search_lib
 
 _PRESET = flags.DEFINE_string('preset', 'small', 'configs/pretrain.py preset.')
-_CONTEXT = flags.DEFINE_integer('context', 1000, 'Tokens in the cache when the call returns.')
-_RESULT = flags.DEFINE_integer('result', 50, 'Tokens of the tool result.')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs of each path.')
-_CALLS = flags.DEFINE_integer('calls', 50, 'Timed calls per tool.')
+_CONTEXT = flags.DEFINE_integer('context', 1000, 'Tokens in the cache when the call returns.',
+                                lower_bound=1)
+_RESULT = flags.DEFINE_integer('result', 50, 'Tokens of the tool result.', lower_bound=1)
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs of each path.', lower_bound=1)
+_CALLS = flags.DEFINE_integer('calls', 50, 'Timed calls per tool.', lower_bound=1)
 
 
 def _median(fn, repeats):
@@ -122,7 +125,7 @@ def tool_latency(calls: int) -> dict:
 
 def main(argv):
   del argv
-  config = pretrain_config.get_config(_PRESET.value)
+  config = bench.preset_config(pretrain_config, _PRESET.value)
   mc = dict(config.model.to_dict())
   mc['max_len'] = max(mc['max_len'], _CONTEXT.value + 128)
   cfg = model_lib.TransformerConfig.from_dict(mc)
@@ -149,4 +152,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run_main(main)

@@ -13,7 +13,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from benchmarks import common as bench
 from configs import pretrain as pretrain_config
@@ -26,8 +26,9 @@ from research import train_step as train_lib
 
 _PRESET = flags.DEFINE_string('preset', 'small', 'configs/pretrain.py preset.')
 _OBJECTIVE = flags.DEFINE_string('objective', 'causal', 'Objective name.')
-_DTYPE = flags.DEFINE_string('compute_dtype', '', 'Override model.compute_dtype.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (median reported).')
+_DTYPE = flags.DEFINE_enum('compute_dtype', '', ['', 'float32', 'bfloat16'],
+                          'Override model.compute_dtype.')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (median reported).', lower_bound=1)
 _COMPILE_LAYERS = flags.DEFINE_list('compile_layers', ['4', '24'],
                                     'Depths whose compile time is compared (empty: skip).')
 _OVERRIDE = flags.DEFINE_list('override', [],
@@ -74,7 +75,7 @@ def compile_time(config, num_layers):
 
 def main(argv):
   del argv
-  config = pretrain_config.get_config(_PRESET.value)
+  config = bench.preset_config(pretrain_config, _PRESET.value)
   for item in _OVERRIDE.value:
     key, _, value = item.partition('=')
     common.apply_override(config, key, value)
@@ -117,4 +118,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run_main(main)

@@ -60,8 +60,8 @@ MUTATIONS = [
              "grads = jax.tree.map(lambda g: g / n, grads)", "grads = grads",
              ('tests/test_train_step.py', '-k', 'hand or accumulation'), 'train_step'),
     Mutation('lr_schedule_no_final_fraction', 'research/train_step.py',
-             "end_value=cfg.learning_rate * cfg.final_lr_fraction",
-             "end_value=cfg.learning_rate * 0.0",
+             "peak, end = cfg.learning_rate, cfg.learning_rate * cfg.final_lr_fraction",
+             "peak, end = cfg.learning_rate, cfg.learning_rate * 0.0",
              ('tests/test_train_step.py', '-k', 'schedule'), 'train_step'),
     Mutation('lr_metric_one_step_ahead', 'research/train_step.py',
              "learning_rate=schedule(state.step)", "learning_rate=schedule(state.step + 1)",
@@ -189,8 +189,8 @@ MUTATIONS = [
     # silently retrains from step 0 ends with the same numbers, so equal results alone
     # cannot tell; the tests assert the restored step and the steps taken).
     *[Mutation(f'restore_off_{stage}', 'experiments/loop.py',
-               "    latest = self.ckpt.latest_step()\n    if latest is None:\n",
-               "    latest = None\n    if latest is None:\n", tests, 'resume')
+               "    found = self.ckpt.restore_latest(abstract_state, data_iterator, _DATA_STATE)\n",
+               "    found = None\n", tests, 'resume')
       for stage, tests in (
           ('pretrain', ('tests/test_pretrain.py', '-k', 'kill_9')),
           ('cross_mesh', ('tests/test_pretrain.py', '-k', 'mesh')),
@@ -203,14 +203,14 @@ MUTATIONS = [
              "      state = train_lib.make_train_state(model, tx, mesh, train_lib.init_rng("
              "config['seed']), dc['batch_size'], dc['seq_len'])\n    elif init_params is not None:",
              ('tests/test_pretrain.py', '-k', 'kill_9'), 'resume'),
-    Mutation('grain_iterator_not_restored', 'experiments/loop.py',
-             "        data_iterator.set_state(meta[_DATA_STATE])", "        pass",
+    Mutation('grain_iterator_not_restored', 'research/checkpoint.py',
+             "          data_iterator.set_state(meta[data_state_key])", "          pass",
              ('tests/test_pretrain.py', '-k', 'kill_9'), 'resume'),
-    Mutation('sampler_position_not_restored_rm', 'experiments/loop.py',
-             "        data_iterator.set_state(meta[_DATA_STATE])", "        pass",
+    Mutation('sampler_position_not_restored_rm', 'research/checkpoint.py',
+             "          data_iterator.set_state(meta[data_state_key])", "          pass",
              ('tests/test_reward_model_experiment.py', '-k', 'resumes'), 'resume'),
-    Mutation('prompt_position_not_restored_rlhf', 'experiments/loop.py',
-             "        data_iterator.set_state(meta[_DATA_STATE])", "        pass",
+    Mutation('prompt_position_not_restored_rlhf', 'research/checkpoint.py',
+             "          data_iterator.set_state(meta[data_state_key])", "          pass",
              ('tests/test_rlhf.py', '-k', 'resume'), 'resume'),
     Mutation('metrics_not_truncated', 'experiments/loop.py',
              "    truncate_metrics(self.workdir, latest)\n", "",
@@ -284,7 +284,8 @@ MUTATIONS = [
              "ds = ds[index::count]", "ds = ds[0::count]",
              ('tests/test_shards.py', '-k', 'two_processes'), 'shards'),
     Mutation('half_written_shards_kept', 'experiments/prepare_data.py',
-             "    stale.unlink()", "    pass",
+             "# half-written files of a killed run\n    stale.unlink()",
+             "# half-written files of a killed run\n    pass",
              ('tests/test_shards.py', '-k', 'kill_during'), 'shards'),
     Mutation('shards_not_deterministic', 'research/shards.py',
              "data.split_key(t, split_seed)[:8]", "data.split_key(t + str(os.getpid()), split_seed)[:8]",
@@ -353,6 +354,33 @@ MUTATIONS = [
              "for prefix in ([sys_len, 0] if has_system else [0]):",
              "for prefix in ([0, sys_len] if has_system else [0]):",
              ('tests/test_bad_text.py', '-k', 'chat_drops_whole_turns'), 'lengths'),
+
+    # --- bad input (issue 19): damaged checkpoints, dropped rows, one error path ----------
+    Mutation('damaged_checkpoint_no_fallback', 'research/checkpoint.py',
+             "      damaged.append((step, reason))\n", "      raise CheckpointError(reason)\n",
+             ('tests/test_damaged_checkpoints.py', '-k', 'resume_falls_back and truncated'),
+             'bad_input'),
+    Mutation('damaged_checkpoint_left_in_place', 'research/checkpoint.py',
+             "where = f' (the damaged steps moved to {self.move_aside("
+             "[s for s, _ in damaged])}/)'", "where = ''",
+             ('tests/test_damaged_checkpoints.py', '-k', 'resume_falls_back and truncated'),
+             'bad_input'),
+    Mutation('checkpoint_verify_skips_chunks', 'research/checkpoint.py',
+             "    if not metadata_of_state(folder).get('use_ocdbt', False):", "    if True:",
+             ('tests/test_damaged_checkpoints.py', '-k', 'data_file_missing'), 'bad_input'),
+    Mutation('budgets_grouped_exactly', 'research/scaling_fit.py',
+             "limit = math.log1p(tolerance) * (1 + 1e-12)", "limit = 1e-12",
+             ('tests/test_scaling_fit.py', '-k', 'jittered'), 'bad_input'),
+    Mutation('report_lists_dropped_rows_as_used', 'experiments/scaling_fit.py',
+             "  for i in used:\n    lines.append(", "  for i in range(len(rows)):\n    lines.append(",
+             ('tests/test_scaling_fit.py', '-k', 'dropped_rows'), 'bad_input'),
+    Mutation('bad_flag_is_absl_exit_1', 'experiments/common.py',
+             ", flags_parser=_parse_flags)", ")",
+             ('tests/test_entry_point_errors.py', '-k', 'nope_flag'), 'bad_input'),
+    Mutation('sft_empty_jsonl_unchecked', 'experiments/sft.py',
+             "    if not convs:\n      raise common.UserError(",
+             "    if False:\n      raise common.UserError(",
+             ('tests/test_entry_point_errors.py', '-k', 'sft_jsonl'), 'bad_input'),
 ]
 
 

@@ -248,4 +248,5 @@ def main(argv, chat_flags):
 
 if __name__ == '__main__':
   chat_flags = define_flags()
-  app.run(lambda argv: main(argv, chat_flags))
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  common.run_main(lambda argv: main(argv, chat_flags))  # (a bad flag: one line, exit 2)

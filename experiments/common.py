@@ -4,6 +4,7 @@ Kept small on purpose; the science lives in `research/`.
 """
 import ast
 import difflib
+import functools
 import importlib.util
 import json
 import math
@@ -104,30 +105,57 @@ def parse_config_args(argv, default_spec: str):
   return config, rest
 
 
+def user_errors() -> tuple:
+  """The exceptions that mean bad input rather than a bug: a config, corpus, checkpoint,
+  mesh or argument the user gave (each carries a one-line message naming it)."""
+  from research import checkpoint, data  # pylint: disable=g-import-not-at-top
+  return (UserError, data.DataError, checkpoint.CheckpointError, sharding.MeshError)
+
+
+def exit_on_user_error(fn, extra: tuple = ()):
+  """`fn` wrapped so that a user error (`user_errors()` and `extra`) ends in `error:
+  <message>` on stderr and exit status 2, never a traceback."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    try:
+      return fn(*args, **kwargs)
+    except user_errors() + tuple(extra) as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+  return wrapped
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad flag as one line and exit 2 (absl's own: exit 1
+  and a second line)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def run_main(main_fn, argv=None, extra_errors: tuple = ()) -> None:
+  """The one error path of every entry point (stages, tools, benchmarks):
+  `app.run(main_fn)`, where an unknown or malformed flag and a user error raised by
+  `main_fn` end in one line `error: ...` on stderr and exit status 2."""
+  app.run(exit_on_user_error(main_fn, extra_errors), argv=argv, flags_parser=_parse_flags)
+
+
 def run_experiment(main_fn, default_config: str, default_workdir: str):
   """Runs main_fn(config, workdir) under absl (`--config=...`, `--config.a.b=...`,
   `--workdir=...`); bad configs, data, meshes or workdirs end in one line on stderr
   (exit 2), never a traceback."""
   workdir = flags.DEFINE_string('workdir', default_workdir, 'Run folder (resumed if present).')
-  from research import checkpoint, data  # pylint: disable=g-import-not-at-top
-  user_errors = (UserError, data.DataError, checkpoint.CheckpointError, sharding.MeshError)
-  try:
-    config, argv = parse_config_args(sys.argv, default_config)
-  except user_errors as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  config, argv = exit_on_user_error(parse_config_args)(sys.argv, default_config)
 
   def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    try:
-      check_workdir(workdir.value)
-      validate_config(config)
-      return main_fn(config, workdir.value)
-    except user_errors as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
-  app.run(main, argv=argv)
+    check_workdir(workdir.value)
+    validate_config(config)
+    return main_fn(config, workdir.value)
+  run_main(main, argv=argv)
 
 
 def maybe_initialize_distributed() -> None:

@@ -22,12 +22,11 @@ import json
 import math
 import os
 import pathlib
-import sys
 
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')  # nothing is downloaded at evaluation
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
-from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from absl import flags, logging  # pylint: disable=g-import-not-at-top
 
 from experiments import common  # pylint: disable=g-import-not-at-top
 from research import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
@@ -219,13 +218,5 @@ def main(argv):
   print(f'wrote {out}/')
 
 
-def _main(argv):
-  try:
-    main(argv)
-  except (common.UserError, checkpoint_lib.CheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == '__main__':
-  app.run(_main)
+  common.run_main(main)

@@ -9,14 +9,14 @@ prediction) and OUT/attention_layer<i>.png (one panel per head: queries down, ke
 across). research/interpret.py computes both.
 """
 import pathlib
-import sys
 
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
-from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from absl import flags, logging  # pylint: disable=g-import-not-at-top
 
+from experiments import common  # pylint: disable=g-import-not-at-top
 from research import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
 from research import interpret  # pylint: disable=g-import-not-at-top
 from research import model as model_lib  # pylint: disable=g-import-not-at-top
@@ -95,13 +95,5 @@ def main(argv):
   print(f'wrote {out}/logit_lens.png and {len(maps)} attention_layer*.png')
 
 
-def _main(argv):
-  try:
-    main(argv)
-  except checkpoint_lib.CheckpointError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == '__main__':
-  app.run(_main)
+  common.run_main(main)

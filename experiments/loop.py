@@ -205,19 +205,15 @@ class Loop:
     self.hooks.append(_Hook(fn, every, prefix, at_end))
 
   def restore(self, abstract_state, data_iterator=None) -> Optional[Restored]:
-    """Restores the latest complete checkpoint (state into `abstract_state`'s shardings,
-    the data iterator in place) and truncates the metrics to its step; None (and the
+    """Restores the latest readable checkpoint (state into `abstract_state`'s shardings,
+    the data iterator in place; a damaged newer one is moved aside with a warning, see
+    `Checkpointer.restore_latest`) and truncates the metrics to its step; None (and the
     metrics of a run killed before its first checkpoint dropped) when there is none."""
-    latest = self.ckpt.latest_step()
-    if latest is None:
+    found = self.ckpt.restore_latest(abstract_state, data_iterator, _DATA_STATE)
+    if found is None:
       truncate_metrics(self.workdir, 0)
       return None
-    state, meta = self.ckpt.restore(latest, abstract_state)
-    if data_iterator is not None:
-      if _DATA_STATE in meta:
-        data_iterator.set_state(meta[_DATA_STATE])
-      else:  # a checkpoint written before iterator states moved into the meta
-        state, meta = self.ckpt.restore(latest, abstract_state, data_iterator)
+    latest, state, meta = found
     truncate_metrics(self.workdir, latest)
     self.resumed_from = latest
     common.log(f'resumed from step {latest}')

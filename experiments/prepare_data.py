@@ -24,10 +24,9 @@ import os
 import pathlib
 import shutil
 import signal
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 from experiments import common
 from research import checkpoint as checkpoint_lib
@@ -245,15 +244,7 @@ def main(argv):
 
 def run():
   """Runs `main` under absl; bad input ends in one line on stderr, exit 2."""
-  from research import checkpoint  # pylint: disable=g-import-not-at-top
-
-  def guarded(argv):
-    try:
-      main(argv)
-    except (common.UserError, data_lib.DataError, checkpoint.CheckpointError) as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
-  app.run(guarded)
+  common.run_main(main)
 
 
 if __name__ == '__main__':

@@ -176,4 +176,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  common.run_main(main)  # (a bad flag: one line, exit 2)

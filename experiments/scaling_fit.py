@@ -3,11 +3,13 @@
   python -m experiments.scaling_fit runs.csv [--out=DIR] [--bootstrap=200] [--budgets=1e20,1e21]
 
 The CSV needs columns N, D and loss (final validation loss, nats/token); C (the budget of
-each run, grouped at 3 significant figures) enables approach 2, and `convention` (the FLOP
+each run; runs whose C differ by at most --budget_tolerance, default 10%, are one budget)
+enables approach 2, and `convention` (the FLOP
 convention, research/flops.py) is printed with every result. Other columns are kept for
 the report. Writes isoflop.png, optimal.png, contours.png, frontier.png, fit.json and
 report.md to --out (default: the CSV's folder).
 """
+import collections
 import csv
 import json
 import math
@@ -15,7 +17,7 @@ import pathlib
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from research import scaling_fit as sf
 
@@ -30,29 +32,21 @@ class FitError(ValueError):
 
 
 def read_runs(path) -> list:
+  """The CSV's rows as dicts, each with `_line`: its line number in the file (for naming
+  the rows that are dropped)."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise FitError(f'{path}: no such file')
-  with open(path, newline='', encoding='utf-8') as f:
-    rows = list(csv.DictReader(f))
+  try:
+    with open(path, newline='', encoding='utf-8') as f:
+      reader = csv.DictReader(f)
+      rows = [dict(row, _line=reader.line_num) for row in reader]
+  except (UnicodeDecodeError, csv.Error) as e:
+    raise FitError(f'{path}: not a UTF-8 CSV table ({e})') from None
   missing = {'N', 'D', 'loss'} - set(rows[0] if rows else {})
   if not rows or missing:
     raise FitError(f'{path}: needs columns N, D, loss (missing {sorted(missing) or "all rows"})')
   return rows
-
-
-def columns(rows) -> dict:
-  """Numeric arrays N, D, loss (and C when every row has one); rows with a non-finite
-  or non-positive value are dropped."""
-  def num(row, key):
-    try:
-      return float(row.get(key, ''))
-    except ValueError:
-      return float('nan')
-  keys = ['N', 'D', 'loss'] + (['C'] if all(r.get('C') for r in rows) else [])
-  table = {k: np.array([num(r, k) for r in rows]) for k in keys}
-  ok = np.all([np.isfinite(v) & (v > 0) for v in table.values()], axis=0)
-  return {k: v[ok] for k, v in table.items()}
 
 
 def convention_of(rows) -> str:
@@ -72,38 +66,71 @@ def fmt_ci(ci, digits=3) -> str:
   return f'[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]'
 
 
+MAX_PRINTED = 6  # per-budget lines printed; beyond it, a summary line (all in report.md)
+
+
 def analyse(rows, out_dir, *, delta=1e-3, bootstrap=200, grid='hoffmann', max_starts=100,
-            seed=0, budgets=(), notes=(), log=print) -> dict:
-  """Both fits, the figures and report.md for the runs in `rows` (dicts, e.g. CSV rows)."""
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+            seed=0, budgets=(), notes=(), budget_tolerance=sf.BUDGET_TOLERANCE,
+            log=print) -> dict:
+  """Both fits, the figures and report.md for the runs in `rows` (dicts, e.g. CSV rows).
+
+  Rows without a positive finite N, D, loss (and C) are dropped, each counted and named
+  (row, CSV line, reason) in the log, fit.json and report.md. Runs are grouped into
+  IsoFLOP budgets within `budget_tolerance` (research.scaling_fit.group_budgets). The log
+  stays short: per-budget lines only up to MAX_PRINTED budgets, a summary line beyond.
+  Raises FitError for fewer than 5 usable runs or mixed FLOP conventions.
+  """
   convention = convention_of(rows)
   params = sorted({r.get('params_counted', '') for r in rows} - {''})
   label = f'[{convention} FLOPs' + (f', N = {params[0]} params]' if params else ']')
-  t = columns(rows)
+  t, used, dropped = sf.usable_runs(rows)
   n, d, loss = t['N'], t['D'], t['loss']
+  dropped_text = [f'{sf.row_name(rows, i)}: {why}' for i, why in dropped]
   if len(n) < 5:
-    raise FitError(f'{len(n)} usable runs: approach 3 needs at least 5 (5 parameters)')
+    raise FitError(f'{len(n)} usable runs of {len(rows)}: approach 3 needs at least 5 (5 '
+                   'parameters)' + (f'; dropped {dropped_text[0]}' if dropped else '')
+                   + (f' and {len(dropped) - 1} more' if len(dropped) > 1 else ''))
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  log(f'runs {label}: {len(rows)} read, {len(used)} used, {len(dropped)} dropped'
+      + (': ' + '; '.join(dropped_text[:3]) if dropped else '')
+      + (f' (and {len(dropped) - 3} more: all in report.md)' if len(dropped) > 3 else ''))
+  no_c = [sf.row_name(rows, i) for i, r in enumerate(rows) if not r.get('C')]
+  if 'C' not in t and len(no_c) < len(rows):
+    log(f'approach 2 skipped: no C in {len(no_c)} rows ({", ".join(no_c[:3])}'
+        + (', ...' if len(no_c) > 3 else '') + ')')
   # C = k·N·D links a budget to N and D in approach 3; k from the runs themselves.
   k = float(np.exp(np.mean(np.log(t['C'] / (n * d))))) if 'C' in t else 6.0
   result = dict(convention=convention, params_counted=params[0] if params else None,
-                num_runs=int(len(n)), flops_per_param_token=k)
+                num_rows=len(rows), num_runs=int(len(n)), flops_per_param_token=k,
+                used_rows=[sf.row_name(rows, i) for i in used],
+                dropped_rows=[dict(row=sf.row_name(rows, i), reason=why) for i, why in dropped])
 
   a2 = None
   if 'C' in t:
-    a2 = sf.approach2(n, d, t['C'], loss)
-    boot2 = sf.approach2_bootstrap(n, d, t['C'], loss, bootstrap, seed) if bootstrap else None
+    a2 = sf.approach2(n, d, t['C'], loss, budget_tolerance)
+    boot2 = (sf.approach2_bootstrap(n, d, t['C'], loss, bootstrap, seed, budget_tolerance)
+             if bootstrap else None)
     result['approach2'] = dict(
+        budget_tolerance=budget_tolerance,
         budgets=[dict(C=f.budget, n_opt=f.n_opt, d_opt=f.d_opt, loss_opt=f.loss_opt,
                       tokens_per_param=f.d_opt / f.n_opt, edge=f.edge, reason=f.reason,
                       num_runs=f.num_runs, coeffs=list(f.coeffs)) for f in a2['fits']],
         a=a2['a'], b=a2['b'],
         a_bootstrap=sf.interval(boot2[:, 0]) if boot2 is not None else None,
         b_bootstrap=sf.interval(boot2[:, 1]) if boot2 is not None else None)
-    for f in a2['fits']:
-      flag = f'  EDGE ({f.reason}): left out' if f.edge else ''
-      log(f'approach 2 {label} C={f.budget:.3g}: N_opt={fmt(f.n_opt)} D_opt={fmt(f.d_opt)} '
-          f'loss={fmt(f.loss_opt, 4)} D/N={fmt(f.d_opt / f.n_opt)}{flag}')
+    fits = a2['fits']
+    if len(fits) <= MAX_PRINTED:
+      for f in fits:
+        flag = f'  EDGE ({f.reason}): left out' if f.edge else ''
+        log(f'approach 2 {label} C={f.budget:.3g}: N_opt={fmt(f.n_opt)} D_opt={fmt(f.d_opt)} '
+            f'loss={fmt(f.loss_opt, 4)} D/N={fmt(f.d_opt / f.n_opt)}{flag}')
+    else:
+      reasons = collections.Counter(_reason_kind(f.reason) for f in fits if f.edge)
+      log(f'approach 2 {label}: {len(fits)} budgets (runs within a factor '
+          f'{1 + budget_tolerance:g} grouped), {len(fits) - sum(reasons.values())} bracketed'
+          + (', left out: ' + ', '.join(f'{v} {r}' for r, v in reasons.most_common())
+             if reasons else '') + ' (per-budget table in report.md)')
     for key, what in (('a', 'N_opt ∝ C^a'), ('b', 'D_opt ∝ C^b')):
       p = a2[key]
       boot = result['approach2'][f'{key}_bootstrap']
@@ -113,8 +140,7 @@ def analyse(rows, out_dir, *, delta=1e-3, bootstrap=200, grid='hoffmann', max_st
 
   fit = sf.fit_law(n, d, loss, delta, sf.init_grid(grid), max_starts=max_starts)
   law = fit.law
-  report_budgets = sorted(set(budgets) | (set(np.unique(sf.group_budgets(t['C'])))
-                                          if 'C' in t else set()))
+  report_budgets = sorted(set(budgets) | (set(np.unique(a2['labels'])) if a2 else set()))
   laws = sf.bootstrap_laws(n, d, loss, bootstrap, fit.solutions, delta, seed) if bootstrap else []
   iv = sf.law_intervals(laws, report_budgets, k) if laws else {}
   result['approach3'] = dict(
@@ -131,7 +157,13 @@ def analyse(rows, out_dir, *, delta=1e-3, bootstrap=200, grid='hoffmann', max_st
       f'B={with_ci("B", law.B)} α={with_ci("alpha", law.alpha)} β={with_ci("beta", law.beta)}')
   log(f'approach 3 {label}: a = β/(α+β) = {with_ci("a", law.a)}, b = {with_ci("b", law.b)} '
       f'({bootstrap} bootstrap resamples of {len(n)} runs, 95% percentile intervals)')
-  for o in result['approach3']['optimal']:
+  optimal = result['approach3']['optimal']
+  if len(optimal) > MAX_PRINTED:  # the asked budgets and the largest; the rest in report.md
+    shown = [o for o in optimal if o['C'] in set(budgets) or o is optimal[-1]]
+    log(f'approach 3 {label}: compute-optimal N, D at {len(optimal)} budgets in report.md; '
+        f'{len(shown)} here')
+    optimal = shown
+  for o in optimal:
     ci = o['intervals']
     def part(q):
       return fmt(o[q]) + (f' {fmt_ci(ci[q]["ci"])}' if ci else '')
@@ -141,9 +173,14 @@ def analyse(rows, out_dir, *, delta=1e-3, bootstrap=200, grid='hoffmann', max_st
   figures = plot(out_dir, t, a2, law, fit, laws, k, label)
   result['figures'] = figures
   (out_dir / 'fit.json').write_text(json.dumps(result, indent=1, default=_json_default))
-  (out_dir / 'report.md').write_text(report(rows, result, label, notes))
+  (out_dir / 'report.md').write_text(report(rows, result, label, notes, used, dropped))
   log(f'wrote {out_dir / "report.md"}, fit.json and {", ".join(figures)}')
   return result
+
+
+def _reason_kind(reason: str) -> str:
+  """An edge reason without its numbers: '1 sizes (a parabola needs 3)' -> 'under 3 sizes'."""
+  return 'under 3 sizes' if 'parabola needs 3' in reason else reason
 
 
 def _json_default(x):
@@ -174,7 +211,7 @@ def plot(out_dir, t, a2, law, fit, laws, k, label) -> list:
     written.append(name)
 
   if a2 is not None:
-    labels = sf.group_budgets(t['C'])
+    labels = a2['labels']
     fits = a2['fits']
     colours = {f.budget: cmap(i / max(len(fits) - 1, 1)) for i, f in enumerate(fits)}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -189,7 +226,8 @@ def plot(out_dir, t, a2, law, fit, laws, k, label) -> list:
                 mfc='none' if f.edge else col, mec='k' if not f.edge else col)
     ax.set(xscale='log', xlabel='N (parameters)', ylabel='final validation loss',
            title=f'IsoFLOP curves {label}\n(hollow star: edge optimum, left out)')
-    ax.legend(fontsize=8)
+    if len(fits) <= 2 * MAX_PRINTED:  # (a legend of hundreds of budgets hides the plot)
+      ax.legend(fontsize=8)
     save(fig, 'isoflop.png')
 
     good = [f for f in fits if not f.edge]
@@ -228,8 +266,9 @@ def plot(out_dir, t, a2, law, fit, laws, k, label) -> list:
   cs_ = ax.contourf(gn, gd, surf, levels=levels, cmap='viridis_r', extend='both')
   fig.colorbar(cs_, ax=ax, label='fitted L(N, D)')
   ax.scatter(n, d, c=loss, cmap='viridis_r', norm=cs_.norm, edgecolors='k', s=40, zorder=3)
-  if 'C' in t:
-    for c in np.unique(sf.group_budgets(t['C'])):
+  if a2 is not None:
+    lines_c = np.unique(a2['labels'])
+    for c in lines_c[::max(1, len(lines_c) // (2 * MAX_PRINTED))]:  # (hundreds: a smear)
       ns = np.exp(np.linspace(ln_lo, ln_hi, 10))
       ax.plot(ns, c / (k * ns), color='w', lw=0.7, ls=':')
   cpath = np.logspace(np.log10(k * n.min() * d.min()), np.log10(k * n.max() * d.max()), 50)
@@ -243,8 +282,8 @@ def plot(out_dir, t, a2, law, fit, laws, k, label) -> list:
   save(fig, 'contours.png')
 
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  if 'C' in t:
-    labels = sf.group_budgets(t['C'])
+  if a2 is not None:
+    labels = a2['labels']
     cs = np.unique(labels)
     ax.scatter(t['C'], loss, color='0.6', s=12, label='runs')
     ax.plot(cs, [loss[labels == c].min() for c in cs], 'o-', color='C0',
@@ -271,19 +310,24 @@ def plot(out_dir, t, a2, law, fit, laws, k, label) -> list:
   return written
 
 
-def report(rows, result, label, notes) -> str:
-  """report.md: setup, both fits with intervals, the optimum at the largest budget."""
+def report(rows, result, label, notes, used=None, dropped=()) -> str:
+  """report.md: setup, both fits with intervals, the optimum at the largest budget, the
+  runs used (exactly those) and every row dropped with its reason."""
+  used = list(range(len(rows))) if used is None else used
   a3 = result['approach3']
   iv = a3['intervals']
   lines = [f'# Scaling-law fit {label}', '']
   lines += [f'- {x}' for x in notes]
-  lines += [f'- {result["num_runs"]} runs; FLOP convention **{result["convention"]}**, '
-            f'N counted as '
+  lines += [f'- {len(used)} runs used of {len(rows)} rows'
+            + (f' ({len(dropped)} dropped: see "Dropped rows")' if dropped else '')
+            + f'; FLOP convention **{result["convention"]}**, N counted as '
             f'**{result["params_counted"] or "given"}** parameters; in approach 3, '
             f'C = {result["flops_per_param_token"]:.2f}·N·D (mean of the runs\' C/(N·D)).', '']
   if 'approach2' in result:
     r2 = result['approach2']
     lines += ['## Approach 2: IsoFLOP parabolas', '',
+              f'Runs whose C differ by at most a factor {1 + r2["budget_tolerance"]:g} form one '
+              'budget (labelled by their geometric mean; `--budget_tolerance`).', '',
               '| C | runs | N_opt | D_opt | D/N | loss at vertex | |',
               '|---|---|---|---|---|---|---|']
     for b in r2['budgets']:
@@ -329,17 +373,22 @@ def report(rows, result, label, notes) -> str:
   lines += [f'![{f}]({f})' for f in result.get('figures', [])]
   cols = [c for c in ('run_id', 'C', 'N', 'D', 'loss', 'd_model', 'num_layers', 'steps',
                       'epochs', 'wall_seconds') if c in rows[0]]
-  lines += ['', '## Runs', '', '| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
-  for r in rows:
-    lines.append('| ' + ' | '.join(_cell(r[c]) for c in cols) + ' |')
+  lines += ['', '## Runs used', '', '| row | ' + ' | '.join(cols) + ' |',
+            '|' + '---|' * (len(cols) + 1)]
+  for i in used:
+    lines.append(f'| {sf.row_name(rows, i)} | '
+                 + ' | '.join(_cell(rows[i][c]) for c in cols) + ' |')
+  if dropped:
+    lines += ['', '## Dropped rows', '', '| row | reason |', '|---|---|']
+    lines += [f'| {sf.row_name(rows, i)} | {why} |' for i, why in dropped]
   return '\n'.join(lines) + '\n'
 
 
 def _cell(v) -> str:
   try:
     x = float(v)
-  except ValueError:
-    return v
+  except (TypeError, ValueError):
+    return '' if v is None else str(v)
   return v if x.is_integer() and abs(x) < 1e6 else fmt(x, 4)
 
 
@@ -355,6 +404,9 @@ def define_flags():
   flags.DEFINE_integer('max_starts', 100, 'L-BFGS from this many best starts (0: all).')
   flags.DEFINE_list('budgets', [], 'Extra budgets (FLOPs) for compute-optimal N, D, loss.')
   flags.DEFINE_integer('seed', 0, 'Bootstrap seed.')
+  flags.DEFINE_float('budget_tolerance', sf.BUDGET_TOLERANCE,
+                     'Runs whose C differ by at most this fraction (0.1: a factor 1.1, 0.095 '
+                     'in ln C) are one IsoFLOP budget; 0: equal C only.')
 
 
 def main(argv):
@@ -364,15 +416,23 @@ def main(argv):
   path = pathlib.Path(argv[1])
   try:
     rows = read_runs(path)
-    budgets = [float(b) for b in FLAGS.budgets]
+    try:
+      budgets = [float(b) for b in FLAGS.budgets]
+    except ValueError:
+      raise FitError(f'--budgets={",".join(FLAGS.budgets)}: expected FLOP counts') from None
+    if not 0 <= FLAGS.budget_tolerance < 1:
+      raise FitError(f'--budget_tolerance={FLAGS.budget_tolerance}: expected a fraction in '
+                     '[0, 1)')
     analyse(rows, FLAGS.out or path.parent, delta=FLAGS.huber_delta, bootstrap=FLAGS.bootstrap,
             grid=FLAGS.grid, max_starts=FLAGS.max_starts or None, seed=FLAGS.seed,
-            budgets=budgets, notes=[f'runs from {path}'])
+            budgets=budgets, notes=[f'runs from {path}'],
+            budget_tolerance=FLAGS.budget_tolerance)
   except (FitError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == '__main__':
+  from experiments import common  # pylint: disable=g-import-not-at-top  # (jax: only here)
   define_flags()
-  app.run(main)
+  common.run_main(main)

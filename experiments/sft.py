@@ -51,6 +51,9 @@ def hash_of(item, seed) -> str:
   return hashlib.sha256(f'{seed}\0{json.dumps(item, sort_keys=True)}'.encode()).hexdigest()
 
 
+SKIPPED_SHOWN = 5  # skipped JSONL lines printed one by one; the rest counted
+
+
 def load_sources(config: dict) -> tuple[dict, dict, dict]:
   """(train conversations by source, held-out ones by source, evaluation problems)."""
   dc, seed = config['data'], config['seed']
@@ -96,9 +99,16 @@ def load_sources(config: dict) -> tuple[dict, dict, dict]:
   if 'jsonl' in weights:
     if not dc['jsonl_path']:
       raise common.UserError('data.weights.jsonl > 0 needs data.jsonl_path')
-    convs, problems_found = conv_lib.jsonl(dc['jsonl_path'], on_error=dc['on_error'])
-    for p in problems_found:
+    convs, skipped = conv_lib.jsonl(dc['jsonl_path'], on_error=dc['on_error'])
+    read = (f'{len(convs) + len(skipped)} non-blank lines, {len(skipped)} skipped'
+            + (f' (first: {skipped[0]})' if skipped else ''))
+    if not convs:
+      raise common.UserError(f'data.jsonl_path={dc["jsonl_path"]}: no conversations ({read})')
+    common.log(f'data.jsonl_path: {len(convs)} conversations of {read}')
+    for p in skipped[1:SKIPPED_SHOWN]:
       common.log(f'skipped: {p}')
+    if len(skipped) > SKIPPED_SHOWN:
+      common.log(f'skipped: {len(skipped) - SKIPPED_SHOWN} more lines (data.on_error=skip)')
     train['jsonl'], held['jsonl'] = _split(convs, dc['validation_fraction'], seed)
   if 'search' in weights:
     try:

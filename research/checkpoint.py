@@ -9,11 +9,21 @@ Saves are asynchronous; a kill during one leaves `N.orbax-checkpoint-tmp`, which
 manager ignores, so a restart resumes from the last complete step. Arrays restore
 into whatever shardings the caller asks for, so a checkpoint saved on one mesh loads
 onto another.
+
+A checkpoint that is there but cannot be read (a file under `state/` truncated, its
+metadata missing) is damaged: every reader (`Checkpointer.restore_latest` for a resume,
+`load_stage`, `load_meta`) falls back to the newest step that restores, with one warning
+line naming the damaged step and the step used, and raises a one-line CheckpointError when
+none does. A resume moves the damaged steps to `checkpoints_damaged/` (nothing is deleted)
+so that the run saves those steps again; a later stage reading a finished run leaves its
+folder as it is.
 """
 import json
 import os
 import pathlib
-from typing import Any, Optional
+import shutil
+import sys
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import grain
@@ -26,10 +36,42 @@ from research import tokenizer as tokenizer_lib
 
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.model'
+DAMAGED_DIR = 'checkpoints_damaged'  # where a resume moves the steps it could not read
 
 
 class CheckpointError(ValueError):
   pass
+
+
+def warn_stderr(msg: str) -> None:
+  """The default `warn` of the readers below: one line on stderr (process 0 only)."""
+  if jax.process_index() == 0:
+    print(f'warning: {msg}', file=sys.stderr, flush=True)
+
+
+def failure_reason(error: BaseException, limit: int = 160) -> str:
+  """Why a read failed, in one short line: the first line of the innermost exception of
+  the chain as Python would print it (Orbax and TensorStore wrap the useful message
+  several layers deep), prefixed by its type unless it is a CheckpointError."""
+  seen = set()
+  while id(error) not in seen:
+    seen.add(id(error))
+    inner = error.__cause__ if error.__cause__ is not None else (
+        None if error.__suppress_context__ else error.__context__)
+    if inner is None:
+      break
+    error = inner
+  lines = str(error).strip().splitlines()
+  text = lines[0] if lines else ''
+  if not isinstance(error, CheckpointError):
+    text = f'{type(error).__name__}: {text}'.strip()
+  return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def metadata_of_state(step_folder: pathlib.Path) -> dict:
+  """The parsed `state/_METADATA` of a checkpoint folder ({} when absent)."""
+  path = step_folder / 'state' / '_METADATA'
+  return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def write_json_atomic(path: pathlib.Path, obj) -> None:
@@ -57,6 +99,122 @@ class Checkpointer:
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
+
+  def first_readable(self, read_fn: Callable[[int], Any], *, move_damaged: bool = False,
+                     warn: Callable[[str], None] = warn_stderr) -> Optional[tuple[int, Any]]:
+    """(step, read_fn(step)) of the newest step whose read succeeds; None when there is
+    no finished step at all.
+
+    Steps whose read raises are damaged: when an older step reads, one `warn` line names
+    them, their reasons and the step used; with `move_damaged` (a resume: the run will
+    save those steps again) they are moved to `<workdir>/checkpoints_damaged/` first, never
+    deleted. Raises CheckpointError (one line, every step and its reason) when no step
+    reads. Across processes a step counts as read only if every process read it.
+    """
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        result, reason = read_fn(step), None
+      except Exception as e:  # pylint: disable=broad-except  # any failure to read is damage
+        result, reason = None, failure_reason(e)
+      if jax.process_count() > 1:  # all processes must agree on the step they resume from
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        if not multihost_utils.process_allgather(jnp.int32(reason is None)).all():
+          reason = reason or 'unreadable on another process'
+      if reason is None:
+        break
+      damaged.append((step, reason))
+    else:
+      if not damaged:
+        return None
+      raise CheckpointError(f'{self.directory}: no readable checkpoint (' + '; '.join(
+          f'step {s}: {r}' for s, r in damaged) + '); its files are left as they are')
+    if damaged:
+      where = ''
+      if move_damaged:
+        where = f' (the damaged steps moved to {self.move_aside([s for s, _ in damaged])}/)'
+      warn(f'{self.directory}: ' + '; '.join(f'step {s} is damaged ({r})' for s, r in damaged)
+           + f'; using step {step}, the newest readable one{where}')
+    return step, result
+
+  # The metadata file of each item, as orbax-checkpoint 0.12 writes them.
+  _ITEM_METADATA = {'state': '_METADATA', 'meta': 'metadata'}
+
+  def verify(self, step: int, chunks_at_once: int = 32) -> None:
+    """Raises CheckpointError naming what is wrong with checkpoint `step` on disk: an
+    item folder or its metadata file missing or unparsable, an array chunk that cannot
+    be read in full or empty (a data file truncated or gone). Reads every stored chunk once,
+    synchronously, before Orbax restores: Orbax's own failure on such a file is a
+    traceback dozens of lines deep, and its abandoned parallel reads go on printing
+    `Event loop is closed` after the error has been caught."""
+    import tensorstore as ts  # pylint: disable=g-import-not-at-top  # Orbax's array store
+    folder = self.directory / str(step)
+    for item, name in self._ITEM_METADATA.items():
+      path = folder / item / name
+      if not path.is_file():
+        raise CheckpointError(f'{item}/{name} is missing')
+      try:
+        json.loads(path.read_text())
+      except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f'{item}/{name} is not valid JSON ({e})') from None
+    if not metadata_of_state(folder).get('use_ocdbt', False):
+      return
+    try:
+      store = ts.KvStore.open({'driver': 'ocdbt', 'base': f'file://{folder / "state"}/'}).result()
+      keys = store.list().result()
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore raises ValueError...
+      raise CheckpointError(f'state/ cannot be opened ({failure_reason(e)})') from None
+    for i in range(0, len(keys), chunks_at_once):
+      batch = keys[i:i + chunks_at_once]
+      for key, read in zip(batch, [store.read(k) for k in batch]):
+        try:
+          value = read.result()
+        except Exception as e:  # pylint: disable=broad-except
+          raise CheckpointError(f'state/{key.decode()} cannot be read '
+                                f'({failure_reason(e)})') from None
+        # No zarr chunk or .zarray is empty; a data file that is gone reads as b''.
+        if value.state != 'value' or not len(value.value):
+          raise CheckpointError(f'state/{key.decode()} is missing or empty (a data file '
+                                'under state/ is gone?)')
+
+  def move_aside(self, steps) -> pathlib.Path:
+    """Moves the folders of `steps` to `<workdir>/checkpoints_damaged/` (a suffix `.1`,
+    `.2`, ... where a name is taken) and makes the manager forget them; -> that folder."""
+    target = self.directory.parent / DAMAGED_DIR
+    if jax.process_index() == 0:
+      target.mkdir(exist_ok=True)
+      for step in steps:
+        dest, n = target / str(step), 0
+        while dest.exists():
+          n += 1
+          dest = target / f'{step}.{n}'
+        shutil.move(str(self.directory / str(step)), str(dest))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('checkpoint.move_aside')
+    self.manager.reload()
+    return target
+
+  def restore_latest(self, abstract_state, data_iterator=None, data_state_key: str = '',
+                     warn: Callable[[str], None] = warn_stderr
+                     ) -> Optional[tuple[int, Any, dict]]:
+    """A resume: (step, state, meta) of the newest readable checkpoint, damaged newer
+    ones moved aside (see `first_readable`); None when there is none. The data iterator
+    is restored in place, from `meta[data_state_key]` when the meta has it, else from the
+    checkpoint's `data` item (checkpoints written before iterator states moved into the
+    meta)."""
+    def read(step):
+      self.verify(step)
+      state, meta = self.restore(step, abstract_state)
+      if data_iterator is not None:
+        if data_state_key and data_state_key in meta:
+          data_iterator.set_state(meta[data_state_key])
+        else:
+          state, meta = self.restore(step, abstract_state, data_iterator)
+      return state, meta
+
+    found = self.first_readable(read, move_damaged=True, warn=warn)
+    return None if found is None else (found[0], *found[1])
 
   def save(self, step: int, state, data_iterator, meta: dict) -> bool:
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
@@ -137,21 +295,29 @@ def check_tokenizer(meta: dict, tokenizer: tokenizer_lib.Tokenizer, where) -> No
                           f'{meta["tokenizer_fingerprint"]}, not {tokenizer.fingerprint}')
 
 
-def load_stage(workdir, params_shardings_fn=None) -> tuple[Any, dict, tokenizer_lib.Tokenizer]:
+def load_stage(workdir, params_shardings_fn=None,
+               warn: Callable[[str], None] = warn_stderr) -> tuple[Any, dict,
+                                                                  tokenizer_lib.Tokenizer]:
   """Handoff to a later stage: (params, config dict, tokenizer) of a finished run.
 
   `params_shardings_fn(abstract_params) -> shardings` places the params on a mesh;
-  default: all on the first device.
+  default: all on the first device. A damaged newest checkpoint falls back to the newest
+  readable one with one `warn` line (the folder is left as it is); raises CheckpointError
+  for a folder that is not a run, holds no checkpoint, or none that reads.
   """
+  params, config, tokenizer, _ = load_stage_and_meta(workdir, params_shardings_fn, warn)
+  return params, config, tokenizer
+
+
+def load_stage_and_meta(workdir, params_shardings_fn=None,
+                        warn: Callable[[str], None] = warn_stderr):
+  """`load_stage` plus the meta JSON of the checkpoint the params came from:
+  (params, config, tokenizer, meta)."""
   workdir = pathlib.Path(workdir)
   config = load_config(workdir)
   if config is None:
     raise CheckpointError(f'{workdir}: no {CONFIG_FILE}; is this a run folder?')
   tokenizer = load_tokenizer(workdir)
-  ckpt = Checkpointer(workdir, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise CheckpointError(f'{workdir}: no finished checkpoint')
   cfg = model_lib.TransformerConfig.from_dict(config['model'])
   if cfg.vocab_size != tokenizer.vocab_size:
     raise CheckpointError(f'{workdir}: model vocab {cfg.vocab_size} != tokenizer vocab '
@@ -164,22 +330,40 @@ def load_stage(workdir, params_shardings_fn=None) -> tuple[Any, dict, tokenizer_
     shardings = jax.tree.map(lambda _: device, shapes)
   else:
     shardings = params_shardings_fn(shapes)
-  params = ckpt.restore_params(step, abstract_like(shardings, shapes))
-  meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  abstract = abstract_like(shardings, shapes)
+  ckpt = Checkpointer(workdir, async_save=False)
+
+  def read(step):
+    ckpt.verify(step)
+    return ckpt.restore_params(step, abstract), _read_meta(ckpt, step)
+  try:
+    found = ckpt.first_readable(read, warn=warn)
+  finally:
+    ckpt.close()
+  if found is None:
+    raise CheckpointError(f'{workdir}: no finished checkpoint')
+  params, meta = found[1]
   check_tokenizer(meta, tokenizer, workdir)
-  ckpt.close()
-  return params, config, tokenizer
+  return params, config, tokenizer, meta
 
 
-def load_meta(workdir, step: Optional[int] = None) -> dict:
-  """The meta JSON of checkpoint `step` (default: the latest) of a workdir."""
+def _read_meta(ckpt: Checkpointer, step: int) -> dict:
+  return ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+
+def load_meta(workdir, step: Optional[int] = None,
+              warn: Callable[[str], None] = warn_stderr) -> dict:
+  """The meta JSON of checkpoint `step` of a workdir (default: the newest whose meta
+  reads, a damaged newer one named in one `warn` line). Raises CheckpointError when there
+  is no finished checkpoint or none whose meta reads."""
   ckpt = Checkpointer(workdir, async_save=False)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
+    if step is not None:
+      return _read_meta(ckpt, step)
+    found = ckpt.first_readable(lambda s: _read_meta(ckpt, s), warn=warn)
+    if found is None:
       raise CheckpointError(f'{workdir}: no finished checkpoint')
-    return ckpt.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
+    return found[1]
   finally:
     ckpt.close()
 
@@ -193,11 +377,11 @@ def load_reward_model(workdir) -> tuple[Any, model_lib.TransformerConfig, tokeni
   model (no scalar head, or no offset: its training did not finish).
   """
   workdir = pathlib.Path(workdir)
-  params, config, tokenizer = load_stage(workdir)
+  params, config, tokenizer, meta = load_stage_and_meta(workdir)
   cfg = model_lib.TransformerConfig.from_dict(config['model'])
   if not cfg.scalar_head:
     raise CheckpointError(f'{workdir}: not a reward model (model.scalar_head is false)')
-  offset = load_meta(workdir).get('offset')
+  offset = meta.get('offset')
   if offset is None:
     raise CheckpointError(f'{workdir}: its last checkpoint has no score offset (training did '
                           'not finish: run it again to resume)')

@@ -12,6 +12,7 @@ Pure numpy/scipy: arrays in, dataclasses and dicts out.
 """
 import dataclasses
 import itertools
+import math
 import os
 from typing import Optional, Sequence
 
@@ -23,6 +24,50 @@ import numpy as np
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 import scipy.optimize  # pylint: disable=g-import-not-at-top
 import scipy.stats
+
+# --------------------------------------------------------------------------------------
+# A table of runs (dicts, e.g. CSV rows): which rows can be fitted.
+
+
+def row_name(rows, i) -> str:
+  """'row 3 (line 4)': the i-th (0-based) row, 1-based, with its CSV line when the row has
+  one (`_line`, as experiments.scaling_fit.read_runs records it)."""
+  line = rows[i].get('_line')
+  return f'row {i + 1}' + (f' (line {line})' if line else '')
+
+
+def usable_runs(rows) -> tuple[dict, list, list]:
+  """(table, used, dropped) of a table of runs (dicts of strings or numbers).
+
+  table: float64 arrays N (parameters), D (tokens), loss (nats/token) and C (FLOPs, only
+  when every row has one), of the rows whose values are all positive finite numbers;
+  used: the indices of those rows; dropped: (row index, reason) for each row left out,
+  e.g. (3, "N='-1e6' is not positive") — missing, not a number, not finite, not positive.
+  """
+  keys = ['N', 'D', 'loss'] + (['C'] if all(r.get('C') for r in rows) else [])
+  used, dropped = [], []
+  for i, row in enumerate(rows):
+    problems = [f'{k}={row.get(k)!r} is {p}' for k in keys if (p := _problem(row.get(k)))]
+    if problems:
+      dropped.append((i, '; '.join(problems)))
+    else:
+      used.append(i)
+  table = {k: np.array([float(rows[i][k]) for i in used]) for k in keys}
+  return table, used, dropped
+
+
+def _problem(text) -> str:
+  """What is wrong with a cell that must hold a positive number ('' when nothing)."""
+  if text is None or not str(text).strip():
+    return 'missing'
+  try:
+    x = float(text)
+  except ValueError:
+    return 'not a number'
+  if not math.isfinite(x):
+    return 'not finite'
+  return '' if x > 0 else 'not positive'
+
 
 # --------------------------------------------------------------------------------------
 # Approach 2: IsoFLOP parabolas.
@@ -67,10 +112,39 @@ def fit_isoflop(budget: float, n, d, loss) -> IsoFlopFit:
                     reason=reason, num_runs=len(x))
 
 
-def group_budgets(c, digits: int = 3) -> np.ndarray:
-  """Budget labels: C rounded to `digits` significant figures (runs of one budget share it)."""
+BUDGET_TOLERANCE = 0.1  # runs whose budgets differ by at most 10% are one budget
+
+
+def group_budgets(c, tolerance: float = BUDGET_TOLERANCE) -> np.ndarray:
+  """Budget labels (FLOPs, float64, the shape of `c`): runs of one IsoFLOP budget share one.
+
+  Budgets read off a paper's figure (Epoch AI's extraction of Chinchilla's runs) or
+  computed from each run's own FLOPs are approximate: nearly every run has its own
+  value. Sorted by C, runs are grouped greedily from the smallest: a run joins the current
+  group while its C is at most (1 + tolerance) times the group's first C, so a group spans
+  at most a factor 1 + tolerance (ln(1.1) = 0.095 in log space for the default 0.1) and a
+  dense range of budgets never chains into one group. The label is the group's geometric
+  mean (its value when all are equal). tolerance 0 groups equal values only; budgets of
+  a designed sweep are factors of 2 or more apart, so any tolerance below ~0.4 keeps them.
+  Raises ValueError for a negative tolerance or a budget that is not a positive number.
+  """
   c = np.asarray(c, float)
-  return np.array([float(f'{v:.{digits - 1}e}') for v in c])
+  if tolerance < 0 or not math.isfinite(tolerance):
+    raise ValueError(f'budget tolerance {tolerance}: expected a number >= 0')
+  if not np.all(np.isfinite(c) & (c > 0)):
+    raise ValueError('budgets must be positive, finite FLOP counts')
+  order = np.argsort(c, kind='stable')
+  labels = np.empty_like(c)
+  limit = math.log1p(tolerance) * (1 + 1e-12)  # (equal values stay together at tolerance 0)
+  start = 0
+  ln_c = np.log(c[order])
+  for i in range(1, len(order) + 1):
+    if i == len(order) or ln_c[i] - ln_c[start] > limit:
+      members = order[start:i]
+      group = c[members]
+      labels[members] = group[0] if np.all(group == group[0]) else np.exp(ln_c[start:i].mean())
+      start = i
+  return labels
 
 
 def power_law(c, y, level: float = 0.95) -> dict:
@@ -90,33 +164,35 @@ def power_law(c, y, level: float = 0.95) -> dict:
   return dict(slope=float(slope), coef=float(np.exp(intercept)), se=se, ci=ci, num=m)
 
 
-def approach2(n, d, c, loss) -> dict:
+def approach2(n, d, c, loss, tolerance: float = BUDGET_TOLERANCE) -> dict:
   """Per-budget parabolas, then N_opt(C) and D_opt(C) power laws over the bracketed budgets.
 
-  Returns dict(fits=[IsoFlopFit], a=power_law for N_opt, b=power_law for D_opt,
-  budgets_used=[C]).
+  Runs are grouped into budgets by `group_budgets(c, tolerance)`. Returns
+  dict(fits=[IsoFlopFit] (one per budget, ascending), a=power_law for N_opt, b=power_law
+  for D_opt, budgets_used=[C], labels=the budget label of each run).
   """
   n, d, loss = (np.asarray(v, float) for v in (n, d, loss))
-  labels = group_budgets(c)
+  labels = group_budgets(c, tolerance)
   fits = [fit_isoflop(b, n[labels == b], d[labels == b], loss[labels == b])
           for b in np.unique(labels)]
   good = [f for f in fits if not f.edge]
   cs = [f.budget for f in good]
   return dict(fits=fits, budgets_used=cs, a=power_law(cs, [f.n_opt for f in good]),
-              b=power_law(cs, [f.d_opt for f in good]))
+              b=power_law(cs, [f.d_opt for f in good]), labels=labels)
 
 
-def approach2_bootstrap(n, d, c, loss, num: int, seed: int = 0) -> np.ndarray:
-  """Exponents (a, b) refitted on runs resampled within each budget; rows with fewer than
-  two bracketed budgets are NaN."""
+def approach2_bootstrap(n, d, c, loss, num: int, seed: int = 0,
+                        tolerance: float = BUDGET_TOLERANCE) -> np.ndarray:
+  """Exponents (a, b) refitted on runs resampled within each budget (grouped once, by
+  `group_budgets(c, tolerance)`); rows with fewer than two bracketed budgets are NaN."""
   n, d, loss = (np.asarray(v, float) for v in (n, d, loss))
-  labels = group_budgets(c)
+  labels = group_budgets(c, tolerance)
   rng = np.random.default_rng(seed)
   groups = [np.flatnonzero(labels == b) for b in np.unique(labels)]
   out = np.full((num, 2), np.nan)
   for i in range(num):
     idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
-    r = approach2(n[idx], d[idx], labels[idx], loss[idx])
+    r = approach2(n[idx], d[idx], labels[idx], loss[idx], tolerance=0.0)
     if r['a']['num'] >= 2:
       out[i] = r['a']['slope'], r['b']['slope']
   return out
