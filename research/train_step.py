@@ -115,10 +115,10 @@ def init_params(model_cfg: model_lib.TransformerConfig, seed: int, seq_len: int)
 
 def train_state_from_params(params, tx, shardings, mesh) -> TrainState:
   """A step-0 state around given params (a previous stage's), in the state's shardings."""
-  params = jax.device_put(params, shardings.params)
+  params = sharding.place(params, shardings.params)  # from every process's whole copy
   with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  step = sharding.place(jnp.zeros((), jnp.int32), shardings.step)
   return TrainState(step=step, params=params, opt_state=opt_state)
 
 

@@ -147,3 +147,37 @@ def test_launcher_usage_errors_and_a_failing_command(tmp_path):
                          2, 1, timeout_seconds=30, grace_seconds=2, out=out)
   assert code == 3  # process 1 failed; process 0 (sleeping 60 s) was stopped
   assert 'stopped all processes' in log.read_text()
+
+
+# --------------------------------------------------------------------------------------
+# The post-training stages (tests/multihost_stages.py): reward model + RL, SFT, DPO.
+# --------------------------------------------------------------------------------------
+
+
+def write_stage_root(root: pathlib.Path) -> pathlib.Path:
+  """corpus/, pretrain/ (a tiny stage written directly: no train step to compile) and
+  pairs.jsonl, what tests/multihost_stages.py reads."""
+  from tests import test_rlhf  # pylint: disable=g-import-not-at-top
+  from tests.test_reward_model_experiment import write_pairs  # pylint: disable=g-import-not-at-top
+  from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
+  from research import model as model_lib  # pylint: disable=g-import-not-at-top
+  from research import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  corpus = test_rlhf.write_corpus(root / 'corpus', docs=60)
+  config = test_rlhf._set(pretrain_config.get_config('tiny'), data__corpus=corpus,  # pylint: disable=protected-access
+                          data__seq_len=64, data__validation_fraction=0.25,
+                          tokenizer__vocab_size=512, model__d_model=32, model__num_layers=1,
+                          model__num_heads=2).to_dict()
+  docs = data_lib.load_corpus(str(corpus))
+  train_docs, _ = data_lib.split_documents(docs, 0.25, seed=0)
+  tokenizer = tokenizer_lib.train_tokenizer((d.text for d in train_docs), 512, seed=0)
+  workdir = root / 'pretrain'
+  workdir.mkdir()
+  checkpoint_lib.write_json_atomic(workdir / checkpoint_lib.CONFIG_FILE, config)
+  tokenizer.save(workdir / checkpoint_lib.TOKENIZER_FILE)
+  params = test_rlhf.init_params(model_lib.TransformerConfig.from_dict(config['model']))
+  ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
+  ckpt.save(1, {'params': params}, None, {'step': 1,
+                                          'tokenizer_fingerprint': tokenizer.fingerprint})
+  ckpt.close()
+  write_pairs(root / 'pairs.jsonl', 48)
+  return root
