@@ -1,10 +1,12 @@
 """Several JAX processes on one machine (experiments.launch: a coordinator, gloo
 collectives, fake CPU devices): the multi-host path tested for real.
 
-2 processes × 4 devices train exactly as 1 process × 8 devices on a (2,2,2) mesh; a
-checkpoint written by either restores on the other; each process reads its own disjoint
-share of every batch; killing one process stops the other, and a restart resumes to
-the uninterrupted run's parameters."""
+2 processes × 4 devices train exactly as 1 process × 8 devices on a (2,2,2) mesh:
+pretraining, the reward model, RL (PPO) iterations, SFT and DPO; a checkpoint written
+by either restores on the other (pretraining both ways, RL from 2 to 1); each process
+reads its own disjoint share of every batch; killing one process stops the other, and
+a restart resumes to the uninterrupted run's parameters. The post-training stages run
+in one process per process count (tests/multihost_stages.py): two launches in all."""
 import json
 import os
 import pathlib
@@ -59,9 +61,9 @@ def two_processes(args, env=None, check=True):
   return code
 
 
-def losses(workdir) -> dict:
+def losses(workdir, key='train/loss') -> dict:
   rows = [json.loads(l) for l in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
-  return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
+  return {r['step']: r[key] for r in rows if key in r}
 
 
 def params(workdir):
@@ -164,7 +166,7 @@ def write_stage_root(root: pathlib.Path) -> pathlib.Path:
   from research import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   corpus = test_rlhf.write_corpus(root / 'corpus', docs=60)
   config = test_rlhf._set(pretrain_config.get_config('tiny'), data__corpus=corpus,  # pylint: disable=protected-access
-                          data__seq_len=64, data__validation_fraction=0.25,
+                          data__seq_len=192, data__validation_fraction=0.25,
                           tokenizer__vocab_size=512, model__d_model=32, model__num_layers=1,
                           model__num_heads=2).to_dict()
   docs = data_lib.load_corpus(str(corpus))
@@ -181,3 +183,68 @@ def write_stage_root(root: pathlib.Path) -> pathlib.Path:
   ckpt.close()
   write_pairs(root / 'pairs.jsonl', 48)
   return root
+
+
+RL_KEYS = ('train/policy_loss', 'train/value_loss', 'train/score_mean', 'train/kl_k1',
+           'train/entropy', 'train/response_length', 'train/explained_variance', 'train/gold')
+
+
+@pytest.fixture(scope='module')
+def stage_runs(tmp_path_factory):
+  """The stages on 2 × 4 (out `two`), then on 1 × 8 (out `one`), which also resumes a
+  copy of the 2-process RL run whose last checkpoint (iteration 3) was removed."""
+  root = write_stage_root(tmp_path_factory.mktemp('stages'))
+  args = ['-m', 'tests.multihost_stages', f'--root={root}']
+  two_processes([*args, f'--out={root / "two"}'])
+  moved = root / 'rl_moved'
+  shutil.copytree(root / 'two' / 'rl', moved)
+  for name in ('checkpoints/3', 'policy', 'summary.json', 'report.md'):
+    path = moved / name
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+  one_process([*args, f'--out={root / "one"}', f'--resume_rl={moved}'])
+  return root
+
+
+def rl_rows(workdir) -> dict:
+  return {k: losses(workdir, k) for k in RL_KEYS}
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_reward_model_and_rl_as_one_process(stage_runs):
+  root = stage_runs
+  one, two = (losses(root / w / 'rl' / 'reward_model') for w in ('one', 'two'))
+  assert sorted(one) == sorted(two) == [1, 2, 3, 4]  # the reward model's per-step losses
+  np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], atol=1e-5)
+  one, two = rl_rows(root / 'one' / 'rl'), rl_rows(root / 'two' / 'rl')
+  for key in RL_KEYS:  # every PPO iteration's losses, rewards and rollout statistics
+    assert sorted(one[key]) == sorted(two[key]) == [1, 2, 3], key
+    np.testing.assert_allclose([two[key][s] for s in one[key]],
+                               [one[key][s] for s in one[key]], atol=1e-5, err_msg=key)
+  assert len({round(v, 6) for v in one['train/policy_loss'].values()}) == 3  # not constant
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+               params(root / 'one' / 'rl' / 'policy'), params(root / 'two' / 'rl' / 'policy'))
+
+
+@pytest.mark.slow
+def test_an_rl_checkpoint_of_two_processes_resumes_in_one(stage_runs):
+  root = stage_runs
+  moved = root / 'rl_moved'
+  loop = json.loads((moved / 'summary.json').read_text())['loop']
+  assert (loop['resumed_from'], loop['steps_run']) == (2, 1), loop
+  resumed, two = rl_rows(moved), rl_rows(root / 'two' / 'rl')
+  for key in RL_KEYS:
+    np.testing.assert_allclose(resumed[key][3], two[key][3], atol=1e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params(moved / 'policy'),
+               params(root / 'two' / 'rl' / 'policy'))
+
+
+@pytest.mark.slow
+def test_sft_and_dpo_on_two_processes_take_the_same_steps_as_one(stage_runs):
+  root = stage_runs
+  for stage, steps in (('sft', 3), ('dpo', 3)):
+    one, two = (losses(root / w / stage) for w in ('one', 'two'))
+    assert sorted(one) == sorted(two) == list(range(1, steps + 1)), stage
+    np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], atol=1e-5,
+                               err_msg=stage)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                 params(root / 'one' / stage), params(root / 'two' / stage))
