@@ -38,8 +38,13 @@ def pretrain_args(workdir, corpus, steps=STEPS):
           '--config.optimizer.warmup_steps=2', '--config.mesh.shape=(2,2,2)']
 
 
+# XLA's backend optimisation and CPU fusion emitters off (as ppo.FAST_COMPILE): compiles
+# dominate these short runs, and both process counts run the same programs.
+FAST_XLA = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
+
+
 def one_process(args, env=None):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count=8 {FAST_XLA}',
              JAX_PLATFORMS='cpu', **(env or {}))
   out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
                        timeout=600, env=env)
@@ -48,7 +53,7 @@ def one_process(args, env=None):
 
 def two_processes(args, env=None, check=True):
   old = dict(os.environ)
-  os.environ.update(env or {})
+  os.environ.update(env or {}, XLA_FLAGS=FAST_XLA)  # the launcher adds the device count
   try:
     log = open(os.devnull, 'w')
     code = launch.launch([sys.executable, *args], 2, 4, timeout_seconds=600, grace_seconds=3,
