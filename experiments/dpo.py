@@ -108,7 +108,7 @@ def train(config, workdir, init_workdir, pairs=None) -> dict:
   mesh = common.make_mesh(config['mesh']['shape'])
   batch, width = dc['batch_size'], dc['seq_len']
   shardings = train_lib.state_shardings(model, tx, mesh, batch, width)
-  step_fn = train_lib.jit_train_step(step, shardings, mesh)
+  step_fn = train_lib.jit_train_step(step, shardings, mesh, batch)
   # Every process passes the same whole batch and gets every row's log-probs (params
   # may be mesh-sharded across processes: `host_local` gathers them).
   jitted_logprobs = jax.jit(lambda params, b: dpo.pair_logprobs(params, model, b))

@@ -197,7 +197,7 @@ def train(config, workdir, init_workdir, pairs=None) -> dict:
   batch, width = dc['batch_size'], dc['seq_len']
   shardings = train_lib.state_shardings(model, tx, mesh, batch, width)
   step_fn = train_lib.jit_train_step(reward_model.make_reward_train_step(model, tx, schedule),
-                                     shardings, mesh)
+                                     shardings, mesh, batch)
   score_fn = make_score_fn(model)
 
   # Nothing is written before every check above has passed.

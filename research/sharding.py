@@ -77,15 +77,23 @@ def logical_to_sharding(logical_specs, mesh: Mesh):
   return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
 
 
-def global_batch(batch, mesh: Mesh):
+def global_batch(batch, mesh: Mesh, rows: int = 0):
   """A batch as global arrays split over data×fsdp: on one process the arrays as they
   are (jit places them), on several each process's rows become its part of the global
   batch (`jax.make_array_from_process_local_data`), so every step and evaluation sees
-  the same global batch on any number of processes."""
-  if jax.process_count() == 1:
-    return batch
-  where = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(where, x), batch)
+  the same global batch on any number of processes. `rows` > 0: the global batch must
+  have that many rows (MeshError otherwise: e.g. every process fed the whole batch
+  instead of its `process_rows`, which duplicates each row once per process)."""
+  if jax.process_count() > 1:
+    where = batch_sharding(mesh)
+    batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(where, x), batch)
+  if rows:
+    for x in jax.tree.leaves(batch):
+      if x.shape[0] != rows:
+        raise MeshError(f'the global batch has {x.shape[0]} rows, not {rows}: each of the '
+                        f'{jax.process_count()} processes must feed only its rows '
+                        '(sharding.process_rows)')
+  return batch
 
 
 def process_rows(mesh: Mesh, global_rows: int) -> slice:

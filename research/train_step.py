@@ -181,8 +181,10 @@ def make_train_step(model, tx, schedule, objective: Callable, ids, *, z_loss=0.0
   return step
 
 
-def jit_train_step(step: Callable, shardings, mesh):
-  """Compile over the mesh: state donated, batch split over data×fsdp, metrics replicated."""
+def jit_train_step(step: Callable, shardings, mesh, batch_size: int = 0):
+  """Compile over the mesh: state donated, batch split over data×fsdp, metrics replicated.
+  Each process passes its own rows of the batch; `batch_size` > 0: the global batch
+  must have that many rows (sharding.MeshError otherwise)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def with_rules(state, batch, rng):
@@ -194,7 +196,7 @@ def jit_train_step(step: Callable, shardings, mesh):
 
   @functools.wraps(step)
   def run(state, batch, rng):
-    batch = sharding.global_batch(batch, mesh)  # each process holds its own rows
+    batch = sharding.global_batch(batch, mesh, batch_size)  # each process: its own rows
     with jax.set_mesh(mesh):
       return jitted(state, batch, rng)
   run.jitted = jitted
