@@ -308,6 +308,18 @@ MUTATIONS = [
     Mutation('mixture_weights_unchecked', 'research/shards.py',
              "  if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:",
              "  if False:", ('tests/test_shards.py', '-k', 'bad_mixtures'), 'shards'),
+
+    # --- several processes (2 × 4 against 1 × 8; minutes: the launches dominate) ----------
+    Mutation('rl_every_process_feeds_all_prompts', 'experiments/rlhf.py',
+             "iteration(state, np.asarray(prompt)[rows],\n                                        np.asarray(lengths)[rows],",
+             "iteration(state, np.asarray(prompt),\n                                        np.asarray(lengths),",
+             ('tests/test_multihost.py', '-k', 'reward_model_and_rl'), 'multihost'),
+    Mutation('reward_model_every_process_feeds_all_pairs', 'experiments/reward_model.py',
+             "take(train_arrays, idx[rows])", "take(train_arrays, idx)",
+             ('tests/test_multihost.py', '-k', 'reward_model_and_rl'), 'multihost'),
+    Mutation('dpo_every_process_feeds_all_pairs', 'experiments/dpo.py',
+             "{k: v[idx[rows]] for k, v", "{k: v[idx] for k, v",
+             ('tests/test_multihost.py', '-k', 'sft_and_dpo'), 'multihost'),
 ]
 
 
