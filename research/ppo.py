@@ -48,6 +48,12 @@ KL estimators (Schulman 2020, "Approximating KL divergence"), with
 d = log π_ref − log π at tokens sampled from π: k1 = −d (unbiased, can be negative),
 k3 = e^d − 1 − d (unbiased, always >= 0, lower variance).
 
+On a (data, fsdp, tensor) mesh (`jit_on_mesh`, what experiments.rlhf runs) the same
+iteration is compiled with the state sharded as the pretraining state and the batch split
+over data×fsdp; each process passes its rows of the prompts. The rollout keys come from
+the one replicated state key over the global batch (threefry, partitionable), so the
+rollouts and every number after them are the same on any number of processes.
+
 Big params (reference policy, reward model) should be arguments of the jitted program,
 not constants closed over (jit would bake them into the compiled program): the
 iteration takes `ref_params` and `reward_args` arguments for that.
