@@ -19,6 +19,7 @@ measured the way benchmarks/sampling.py measures it (greedy, eos off, --decode_b
 prompts up to 16 tokens, --decode_tokens new tokens), same model, same run. eos is
 disabled in the rollout too, so every row makes all its tokens. Nothing is asserted.
 """
+import contextlib
 import os
 import statistics
 import time
@@ -39,6 +40,7 @@ from research import model as model_lib
 from research import ppo
 from research import reward_model
 from research import sampling
+from research import sharding
 
 _CONFIG = flags.DEFINE_string('config', 'default', 'configs/rlhf.py preset (its PPO shapes).')
 _PRESET = flags.DEFINE_string('preset', 'tiny', 'configs/pretrain.py preset (the model).')
@@ -47,6 +49,9 @@ _DECODE_BATCH = flags.DEFINE_integer('decode_batch', 8, 'Rows of the sampling-be
                                      lower_bound=1)
 _DECODE_TOKENS = flags.DEFINE_integer('decode_tokens', 256, 'New tokens of that decode.',
                                       lower_bound=1)
+_MESH = flags.DEFINE_string('mesh', '', "'' : plain jax.jit (no mesh); 'D,F,T': the iteration "
+                            'compiled on a (data, fsdp, tensor) mesh as experiments.rlhf runs it '
+                            '(ppo.jit_on_mesh; 1,1,1 is the one-device stage path)')
 
 
 def _params(cfg, seed=0):
@@ -111,16 +116,29 @@ def main(argv):
   # The reward function the RLHF stage runs: responses closed by the stop token (a real
   # id here, while sampling never stops early: eos -1).
   reward_fn = reward_model.make_reward_fn(rm_model, 0, stop_id=3, close=rc.score_with_stop)
-  iteration = jax.jit(ppo.make_ppo_iteration(
-      model_lib.Transformer(cfg), None if grpo else rm_model, None,
-      reward_fn, tx, tx_value, ppo_cfg, eos), donate_argnums=0)
+  pure = ppo.make_ppo_iteration(model_lib.Transformer(cfg), None if grpo else rm_model, None,
+                                reward_fn, tx, tx_value, ppo_cfg, eos)
   state = ppo.init_ppo_state(jax.tree.map(jnp.copy, params), tx, ppo_cfg, jax.random.key(0),
                              value_params=None if grpo else jax.tree.map(jnp.copy, rm_params),
                              tx_value=tx_value)
   args = (prompt, lengths, params)
   kwargs = dict(reward_args=(rm_params, 0.0))
+  if _MESH.value:
+    mesh = sharding.make_mesh([int(x) for x in _MESH.value.split(',')],
+                              jax.devices()[:int(np.prod([int(x) for x in _MESH.value.split(',')]))])
+    run = ppo.jit_on_mesh(pure, cfg, rm_cfg, tx, tx_value, ppo_cfg, mesh)
+    iteration = run.jitted
+    state = sharding.place(state, run.state_shardings)
+    args = (*sharding.global_batch((prompt, lengths), mesh),
+            sharding.place(params, ppo.param_shardings(cfg, mesh)),
+            (sharding.place(rm_params, ppo.param_shardings(rm_cfg, mesh)), 0.0))
+    kwargs = {}
+    print(f'mesh {dict(mesh.shape)}: the iteration as experiments.rlhf compiles it')
+  else:
+    iteration = jax.jit(pure, donate_argnums=0)
   start = time.perf_counter()
-  compiled = iteration.lower(state, *args, **kwargs).compile()
+  with (jax.set_mesh(mesh) if _MESH.value else contextlib.nullcontext()):
+    compiled = iteration.lower(state, *args, **kwargs).compile()
   compile_iteration = time.perf_counter() - start
   holder = {'state': state}
 

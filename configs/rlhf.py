@@ -121,6 +121,10 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   c.eval.best_of_n = (1, 2, 4, 8, 16)
   c.eval.num_samples = 6  # sample continuations shown before / after
 
+  # (data, fsdp, tensor): the PPO iteration and the proxy reward model trained here run
+  # on it; with several processes it must use every device (e.g. (2, 2, 2) for 2 × 4).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (1, 1, 1)
   c.checkpoint_every = p['checkpoint_every']
   # Wall-clock cap of the PPO loop (0: none); a capped run still evaluates and reports.
   c.max_minutes = 0.0

@@ -381,6 +381,18 @@ MUTATIONS = [
              "    if not convs:\n      raise common.UserError(",
              "    if False:\n      raise common.UserError(",
              ('tests/test_entry_point_errors.py', '-k', 'sft_jsonl'), 'bad_input'),
+
+    # --- several processes (2 × 4 against 1 × 8; minutes: the launches dominate) ----------
+    Mutation('rl_every_process_feeds_all_prompts', 'experiments/rlhf.py',
+             "iteration(state, np.asarray(prompt)[rows],\n                                        np.asarray(lengths)[rows],",
+             "iteration(state, np.asarray(prompt),\n                                        np.asarray(lengths),",
+             ('tests/test_multihost.py', '-k', 'reward_model_and_rl'), 'multihost'),
+    Mutation('reward_model_every_process_feeds_all_pairs', 'experiments/reward_model.py',
+             "take(train_arrays, idx[rows])", "take(train_arrays, idx)",
+             ('tests/test_multihost.py', '-k', 'reward_model_and_rl'), 'multihost'),
+    Mutation('dpo_every_process_feeds_all_pairs', 'experiments/dpo.py',
+             "{k: v[idx[rows]] for k, v", "{k: v[idx] for k, v",
+             ('tests/test_multihost.py', '-k', 'sft_and_dpo'), 'multihost'),
 ]
 
 

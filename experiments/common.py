@@ -188,6 +188,9 @@ def make_mesh(shape) -> jax.sharding.Mesh:
   size = int(np.prod(shape))
   if size > n:
     raise sharding.MeshError(f'mesh shape {tuple(shape)} needs {size} devices, {n} are available')
+  if jax.process_count() > 1 and size != n:
+    raise sharding.MeshError(f'mesh shape {tuple(shape)} has {size} devices: with '
+                             f'{jax.process_count()} processes it must use all {n}')
   return sharding.make_mesh(shape, jax.devices()[:size])  # a smaller mesh uses the first devices
 
 

@@ -27,6 +27,7 @@ from research import data as data_lib
 from research import dpo
 from research import model as model_lib
 from research import preferences
+from research import sharding as sharding_lib
 from research import train_step as train_lib
 
 SUMMARY_FILE = 'summary.json'
@@ -107,8 +108,11 @@ def train(config, workdir, init_workdir, pairs=None) -> dict:
   mesh = common.make_mesh(config['mesh']['shape'])
   batch, width = dc['batch_size'], dc['seq_len']
   shardings = train_lib.state_shardings(model, tx, mesh, batch, width)
-  step_fn = train_lib.jit_train_step(step, shardings, mesh)
-  logprob_fn = jax.jit(lambda params, b: dpo.pair_logprobs(params, model, b))
+  step_fn = train_lib.jit_train_step(step, shardings, mesh, batch)
+  # Every process passes the same whole batch and gets every row's log-probs (params
+  # may be mesh-sharded across processes: `host_local` gathers them).
+  jitted_logprobs = jax.jit(lambda params, b: dpo.pair_logprobs(params, model, b))
+  logprob_fn = lambda params, b: sharding_lib.host_local(jitted_logprobs(params, b))
 
   # Pairs, then the reference log-probs (once per workdir).
   workdir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +163,9 @@ def train(config, workdir, init_workdir, pairs=None) -> dict:
                f'{n_held} held-out pairs ({stats}); batch {batch} pairs × {width} tokens')
     if tc['eval_every']:
       loop.add_hook(heldout_hook, every=tc['eval_every'])
-    batches = ({k: v[idx] for k, v in train_arrays.items()} for idx in sampler)
+    # The sampler draws the global batch; each process feeds only its rows of it.
+    rows = sharding_lib.process_rows(mesh, batch)
+    batches = ({k: v[idx[rows]] for k, v in train_arrays.items()} for idx in sampler)
     result = loop.run(state, lambda state, b: step_fn(state, b, rng),
                       _Sampled(sampler, batches), first_step=int(state.step),
                       meta_fn=meta_fn)

@@ -354,9 +354,9 @@ def train_language_model(setup: LMSetup, workdir, objective, mesh, *, fresh_conf
     raise common.UserError(f'train.grad_accum_steps={tc["grad_accum_steps"]} must divide '
                            f'data.batch_size={dc["batch_size"]}')
   ids = objectives_lib.SpecialIds.from_tokenizer(tokenizer)
-  jitted = train_lib.jit_train_step(
-      train_lib.make_train_step(model, tx, schedule, objective, ids, z_loss=tc['z_loss'],
-                                grad_accum_steps=tc['grad_accum_steps']), shardings, mesh)
+  jitted = train_lib.jit_train_step(train_lib.make_train_step(
+      model, tx, schedule, objective, ids, z_loss=tc['z_loss'],
+      grad_accum_steps=tc['grad_accum_steps']), shardings, mesh, dc['batch_size'])
   eval_fn = evaluation.make_heldout_loss_fn(model, objective, ids, tc['z_loss'])
 
   # Nothing is written before every check above has passed.

@@ -37,6 +37,7 @@ from research import flops as flops_lib
 from research import model as model_lib
 from research import preferences
 from research import reward_model
+from research import sharding as sharding_lib
 from research import train_step as train_lib
 
 SUMMARY_FILE = reward_model_report.SUMMARY_FILE
@@ -96,8 +97,11 @@ def take(arrays: dict, idx) -> dict:
 
 
 def make_score_fn(model):
-  """jitted (params, batch) -> (chosen scores, rejected scores)."""
-  return jax.jit(lambda params, batch: reward_model.pair_scores(params, model, batch))
+  """(params, batch) -> (chosen scores, rejected scores) as numpy, jitted. Every process
+  passes the same whole batch and gets every score (params may be mesh-sharded across
+  processes: `sharding.host_local` gathers what a process cannot read)."""
+  jitted = jax.jit(lambda params, batch: reward_model.pair_scores(params, model, batch))
+  return lambda params, batch: sharding_lib.host_local(jitted(params, batch))
 
 
 # ----------------------------------------------------------------------------
@@ -193,7 +197,7 @@ def train(config, workdir, init_workdir, pairs=None) -> dict:
   batch, width = dc['batch_size'], dc['seq_len']
   shardings = train_lib.state_shardings(model, tx, mesh, batch, width)
   step_fn = train_lib.jit_train_step(reward_model.make_reward_train_step(model, tx, schedule),
-                                     shardings, mesh)
+                                     shardings, mesh, batch)
   score_fn = make_score_fn(model)
 
   # Nothing is written before every check above has passed.
@@ -252,8 +256,12 @@ def train(config, workdir, init_workdir, pairs=None) -> dict:
                  f'{extra["heldout_before"]["accuracy"]:.3f}')
     if tc['eval_every']:
       loop.add_hook(heldout_hook, every=tc['eval_every'])
-    # The sampler yields pair indices (its position is what the checkpoint keeps).
-    result = loop.run(state, lambda state, idx: step_fn(state, take(train_arrays, idx), rng),
+    # The sampler yields the global batch's pair indices (its position is what the
+    # checkpoint keeps); each process feeds only its rows of it (`jit_train_step` makes
+    # them one global batch), so any process count trains on the same batches.
+    rows = sharding_lib.process_rows(mesh, batch)
+    result = loop.run(state, lambda state, idx: step_fn(state, take(train_arrays, idx[rows]),
+                                                        rng),
                       sampler, first_step=int(state.step), meta_fn=meta_fn)
     state, step = result.state, result.step
 
@@ -299,7 +307,8 @@ def main(config, workdir):
     summary = train(config, workdir, init)
   except preferences.PreferenceError as e:
     raise common.UserError(str(e)) from None
-  common.log('\n' + (pathlib.Path(workdir) / REPORT_FILE).read_text())
+  if jax.process_index() == 0:  # the only process that wrote it
+    common.log('\n' + (pathlib.Path(workdir) / REPORT_FILE).read_text())
   common.log(json.dumps({k: summary[k] for k in ('steps', 'offset', 'minutes')}))
 
 

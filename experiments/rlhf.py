@@ -45,6 +45,7 @@ from research import model as model_lib
 from research import ppo
 from research import preferences
 from research import rl_tasks
+from research import sharding
 
 RM_SUMMARY = 'reward_model_summary.json'
 BEST_OF_N = 'best_of_n.json'
@@ -140,7 +141,8 @@ def reward_stage(config, workdir: pathlib.Path, init_workdir, policy_params, pro
   elif record_path.exists():
     record = json.loads(record_path.read_text())
   else:
-    rm_config = dict(config['reward_model'], init=str(init_workdir))
+    # The proxy trains on the RL stage's mesh (on several processes it must span them all).
+    rm_config = dict(config['reward_model'], init=str(init_workdir), mesh=config['mesh'])
     pairs, stats = None, {}
     if config['task'] == 'continuation':
       pc = config['pairs']
@@ -236,6 +238,8 @@ def run(config, workdir, init_workdir) -> dict:
   if policy_cfg.scalar_head:
     raise common.UserError(f'{init_workdir} holds a reward/value model, not a policy')
   check_config(config, policy_cfg)
+  mesh = common.make_mesh(config['mesh']['shape'])
+  ppo.check_mesh(policy_cfg, ppo_config(config), config['ppo']['batch_size'], mesh)
   config['init'] = str(init_workdir)
   config['model'] = init_config['model']
   saved = checkpoint_lib.load_config(workdir)
@@ -290,16 +294,22 @@ def run(config, workdir, init_workdir) -> dict:
   # advantages, clipped updates) + the gold score of its rollouts.
   cfg = ppo_config(config)
   groups = cfg.estimator.groups  # GRPO, RLOO, Dr. GRPO: k samples of each prompt
+  # The iteration runs on the mesh: the state sharded as in pretraining, each process
+  # feeding its rows of the prompts. Evaluations, best-of-n and samples run on each
+  # process's own whole copy of the params (`sharding.host_local`), identically.
   iteration, tx_policy, tx_value = ppo.jitted_iteration(
       policy_cfg, rm_cfg, cfg, float(pc['policy_lr']), float(pc['value_lr']),
       float(pc['grad_clip']), prompts.stop_id, tokenizer.pad_id, config['score_with_stop'],
-      config['fast_compile'])
+      config['fast_compile'], mesh)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # separate buffers: the state is donated
   state = ppo.init_ppo_state(copy(init_params), tx_policy, cfg,
                              jax.random.fold_in(jax.random.key(config['seed']), 7),
                              value_params=copy(rm_params) if cfg.estimator.value_model else None, tx_value=tx_value)
-  # Committed to the device like a restored state, so a resumed run reuses the compile.
-  state = jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  # Committed to the mesh like a restored state, so a resumed run reuses the compile.
+  state = sharding.place(state, iteration.state_shardings)
+  mesh_ref = sharding.place(ref_params, ppo.param_shardings(policy_cfg, mesh))
+  mesh_rm = (sharding.place(rm_params, ppo.param_shardings(rm_cfg, mesh)), offset)
+  rows = sharding.process_rows(mesh, b)  # this process's rows of every prompt batch
   sampler = data_lib.EpochSampler(len(prompts.train_ids), b // cfg.group_size if groups else b,
                                   config['seed'])
   evals, timing = [], dict(ppo_seconds=0.0, eval_seconds=0.0, compile_seconds=0.0)
@@ -310,9 +320,10 @@ def run(config, workdir, init_workdir) -> dict:
     if groups:
       prompt, lengths = ppo.repeat_prompts(prompt, lengths, cfg.group_size)
     t = time.perf_counter()
-    state, metrics, rollout = iteration(state, prompt, lengths, ref_params, reward_args=rm)
-    row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    gen = jax.device_get(rollout.generation)
+    state, metrics, rollout = iteration(state, np.asarray(prompt)[rows],
+                                        np.asarray(lengths)[rows], mesh_ref, mesh_rm)
+    row = {k: float(v) for k, v in sharding.host_local(metrics).items()}
+    gen = sharding.host_local(rollout.generation)
     seconds = time.perf_counter() - t
     timing['compile_seconds' if not calls[0] else 'ppo_seconds'] += seconds
     calls[0] += 1
@@ -328,12 +339,13 @@ def run(config, workdir, init_workdir) -> dict:
 
   def run_eval(step, state):
     t = time.time()
-    e = rl_tasks.evaluate_policy(programs, state.policy_params, ref_params, rm, prompts,
+    policy_params = sharding.host_local(state.policy_params)
+    e = rl_tasks.evaluate_policy(programs, policy_params, ref_params, rm, prompts,
                                  tokenizer, gold, config)
     # One rollout batch alone, already compiled: the sampling share of an iteration.
     prompt, lengths = encode(prompts.eval_ids, width, b)
     start = time.perf_counter()
-    jax.block_until_ready(programs.generate(state.policy_params, prompt, lengths,
+    jax.block_until_ready(programs.generate(policy_params, prompt, lengths,
                                             jax.random.key(0)))
     e.update(seconds_sample_batch=time.perf_counter() - start, iteration=step)
     evals.append(e)
@@ -371,8 +383,9 @@ def run(config, workdir, init_workdir) -> dict:
   policy_dir = checkpoint_lib.save_params_stage(
       workdir / POLICY_DIR, dict(init_config, init=str(init_workdir), rlhf=str(workdir)),
       tokenizer, state.policy_params, step, rlhf=str(workdir))
+  final_params = sharding.host_local(state.policy_params)
   samples = {name: rl_tasks.samples_table(programs, params, rm, prompts, tokenizer, gold, config)
-             for name, params in (('before', ref_params), ('after', state.policy_params))}
+             for name, params in (('before', ref_params), ('after', final_params))}
   train_rows = [r for r in loop_lib.read_metrics(workdir) if 'train/kl_k1' in r]
   iter_seconds = [r['train/seconds_iteration'] for r in train_rows[1:]] or \
       [r['train/seconds_iteration'] for r in train_rows]
@@ -406,7 +419,8 @@ def main(config, workdir):
   summary = run(config, workdir, config.init)
   if summary.get('interrupted'):
     return
-  common.log('\n' + (pathlib.Path(workdir) / 'report.md').read_text())
+  if jax.process_index() == 0:  # the only process that wrote it
+    common.log('\n' + (pathlib.Path(workdir) / 'report.md').read_text())
 
 
 if __name__ == '__main__':

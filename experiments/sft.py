@@ -30,6 +30,7 @@ from research import evaluation
 from research import model as model_lib
 from research import objectives as objectives_lib
 from research import sampling
+from research import sharding as sharding_lib
 from research.tools import data as tools_data
 from research.tools import evaluation as tools_eval
 from research.tools import registry as tools_registry
@@ -250,7 +251,9 @@ def finetune(config, workdir, init_workdir) -> dict:
     return dict(train=summary, interrupted=True)
   # Stopped by train.max_minutes (the main job's time box): evaluated as it is.
   result = dict(train=summary, packing=stats,
-                eval=evaluate(params, setup.model_cfg, tokenizer, config, held, problems),
+                # on each process's whole copy of the (possibly multi-process) params
+                eval=evaluate(sharding_lib.host_local(params), setup.model_cfg, tokenizer,
+                              config, held, problems),
                 format=config['data']['word_problems']['format'],
                 minutes=(time.time() - t0) / 60)
   if jax.process_index() == 0:

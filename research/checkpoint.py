@@ -301,7 +301,8 @@ def load_stage(workdir, params_shardings_fn=None,
   """Handoff to a later stage: (params, config dict, tokenizer) of a finished run.
 
   `params_shardings_fn(abstract_params) -> shardings` places the params on a mesh;
-  default: all on the first device. A damaged newest checkpoint falls back to the newest
+  default: all on this process's first device (every process its own whole copy).
+  A damaged newest checkpoint falls back to the newest
   readable one with one `warn` line (the folder is left as it is); raises CheckpointError
   for a folder that is not a run, holds no checkpoint, or none that reads.
   """
@@ -326,7 +327,7 @@ def load_stage_and_meta(workdir, params_shardings_fn=None,
   shapes = nn.unbox(jax.eval_shape(model_lib.Transformer(cfg).init, jax.random.key(0), z, z, z,
                                    jnp.zeros((1, 8), bool))['params'])
   if params_shardings_fn is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, shapes)
   else:
     shardings = params_shardings_fn(shapes)
@@ -395,8 +396,9 @@ def save_params_stage(out, config: dict, tokenizer: tokenizer_lib.Tokenizer, par
   training state is not a TrainState (RL policies, imported models)."""
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  write_json_atomic(out / CONFIG_FILE, config)
-  tokenizer.save(out / TOKENIZER_FILE)
+  if jax.process_index() == 0:  # the params below: collectively, by every process
+    write_json_atomic(out / CONFIG_FILE, config)
+    tokenizer.save(out / TOKENIZER_FILE)
   ckpt = Checkpointer(out, keep=1, async_save=False)
   try:
     if ckpt.latest_step() != step:

@@ -48,6 +48,12 @@ KL estimators (Schulman 2020, "Approximating KL divergence"), with
 d = log π_ref − log π at tokens sampled from π: k1 = −d (unbiased, can be negative),
 k3 = e^d − 1 − d (unbiased, always >= 0, lower variance).
 
+On a (data, fsdp, tensor) mesh (`jit_on_mesh`, what experiments.rlhf runs) the same
+iteration is compiled with the state sharded as the pretraining state and the batch split
+over data×fsdp; each process passes its rows of the prompts. The rollout keys come from
+the one replicated state key over the global batch (threefry, partitionable), so the
+rollouts and every number after them are the same on any number of processes.
+
 Big params (reference policy, reward model) should be arguments of the jitted program,
 not constants closed over (jit would bake them into the compiled program): the
 iteration takes `ref_params` and `reward_args` arguments for that.
@@ -57,6 +63,7 @@ import functools
 from typing import Any, Callable, Optional
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -64,6 +71,7 @@ import optax
 from research import model as model_lib
 from research import reward_model
 from research import sampling
+from research import sharding
 
 F32 = jnp.float32
 
@@ -761,9 +769,56 @@ def state_from_tree(tree: dict) -> PPOState:
 
 
 def abstract_tree(tree):
-  """ShapeDtypeStructs of a state tree, on the first device (where a restore puts it)."""
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+  """ShapeDtypeStructs of a state tree, each with its leaf's sharding (where a restore
+  puts it: a state placed on a mesh restores onto that mesh, whatever wrote it)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      tree)
+
+
+def param_shardings(model_cfg, mesh):
+  """NamedShardings of a Transformer's params on `mesh`, from the logical-axis rules
+  (research/sharding.py), exactly as the pretraining state shards them."""
+  z = jnp.zeros((1, 8), jnp.int32)
+  abstract = jax.eval_shape(model_lib.Transformer(model_cfg).init, jax.random.key(0), z, z, z,
+                            jnp.zeros((1, 8), bool))['params']
+  return sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
+
+
+def state_shardings(policy_cfg, value_cfg, tx_policy, tx_value, cfg: PPOConfig, mesh) -> PPOState:
+  """A PPOState of NamedShardings on `mesh`: policy / value params and their optimiser
+  states sharded by the logical rules (as the pretraining state: `embed` over fsdp,
+  heads / MLP / vocabulary over tensor), β, step and rng replicated. `value_cfg` is read
+  only for an estimator with a value model."""
+  z = jnp.zeros((1, 8), jnp.int32)
+  dummy = (z, z, z, jnp.zeros((1, 8), bool))
+
+  def init():
+    policy = model_lib.Transformer(policy_cfg).init(jax.random.key(0), *dummy)['params']
+    value = (model_lib.Transformer(value_cfg).init(jax.random.key(0), *dummy)['params']
+             if cfg.estimator.value_model else None)
+    return init_ppo_state(policy, tx_policy, cfg, jax.random.key(0), value_params=value,
+                          tx_value=tx_value)
+  return sharding.logical_to_sharding(nn.get_partition_spec(jax.eval_shape(init)), mesh)
+
+
+def check_mesh(policy_cfg, cfg: PPOConfig, batch_size: int, mesh) -> None:
+  """Raises sharding.MeshError before compiling when `mesh` cannot run an iteration of
+  `batch_size` rows: rows and update minibatches must split over data×fsdp, heads over
+  tensor, every sharded parameter dimension over its mesh axes."""
+  data = mesh.shape['data'] * mesh.shape['fsdp']
+  minibatch = batch_size // cfg.minibatches
+  if batch_size % data or minibatch % data:
+    raise sharding.MeshError(
+        f'ppo.batch_size={batch_size} ({cfg.minibatches} minibatches of {minibatch}) does not '
+        f'split over data×fsdp = {data} of mesh {dict(mesh.shape)}')
+  for name in ('num_heads', 'kv_heads'):
+    if getattr(policy_cfg, name) % mesh.shape['tensor']:
+      raise sharding.MeshError(f'model {name}={getattr(policy_cfg, name)} is not divisible by '
+                               f'the mesh tensor axis {mesh.shape["tensor"]}')
+  z = jnp.zeros((1, 8), jnp.int32)
+  abstract = jax.eval_shape(model_lib.Transformer(policy_cfg).init, jax.random.key(0), z, z, z,
+                            jnp.zeros((1, 8), bool))['params']
+  sharding.check_divisible(mesh, batch_size, nn.unbox(abstract), nn.get_partition_spec(abstract))
 
 
 # Compile options for the small RL programs (tests, the tiny presets): compile time
@@ -805,10 +860,21 @@ class RolloutPrograms:
 
 @functools.lru_cache(maxsize=4)
 def jitted_iteration(policy_cfg, rm_cfg, cfg: PPOConfig, policy_lr: float, value_lr: float,
-                  grad_clip: float, stop_id: int, pad_id: int, close: bool, fast: bool):
+                  grad_clip: float, stop_id: int, pad_id: int, close: bool, fast: bool,
+                  mesh=None):
   """-> (jitted `make_ppo_iteration` with Adam optimisers and the reward model's closing
   reward function, tx_policy, tx_value); cached so a process compiles it once. GRPO has
-  no value model (tx_value None) in the group estimators. `fast` compiles with FAST_COMPILE."""
+  no value model (tx_value None) in the group estimators. `fast` compiles with FAST_COMPILE.
+
+  With a (data, fsdp, tensor) `mesh` the iteration runs on it, as the pretraining step
+  does: the state in `state_shardings` (donated), the reference params in the policy's
+  `param_shardings`, the reward args (rm params, offset) in the reward model's and
+  replicated; prompts and every per-row output split over data×fsdp, metrics
+  replicated. Each process passes its own rows of the prompts (`sharding.process_rows`;
+  `sharding.global_batch` joins them), and the rollout keys are one replicated key
+  drawn over the global batch, so the rollouts do not depend on the process count.
+  Call it as `iteration(state, prompt_BxP, lengths_B, ref_params, (rm_params, offset))`.
+  """
   no_value = not cfg.estimator.value_model
   tx_policy = optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(policy_lr))
   tx_value = None if no_value else optax.chain(optax.clip_by_global_norm(grad_clip),
@@ -818,5 +884,39 @@ def jitted_iteration(policy_cfg, rm_cfg, cfg: PPOConfig, policy_lr: float, value
       model_lib.Transformer(policy_cfg), None if no_value else rm_model, None,
       reward_model.make_reward_fn(rm_model, pad_id, stop_id, close), tx_policy, tx_value, cfg, stop_id,
       pad_id=pad_id)
-  return (jax.jit(iteration, donate_argnums=0, compiler_options=FAST_COMPILE if fast else None),
+  options = FAST_COMPILE if fast else None
+  if mesh is None:
+    return jax.jit(iteration, donate_argnums=0, compiler_options=options), tx_policy, tx_value
+  return (jit_on_mesh(iteration, policy_cfg, rm_cfg, tx_policy, tx_value, cfg, mesh, options),
           tx_policy, tx_value)
+
+
+def jit_on_mesh(iteration, policy_cfg, rm_cfg, tx_policy, tx_value, cfg: PPOConfig, mesh,
+                compiler_options=None):
+  """`make_ppo_iteration`'s `iteration` compiled over a (data, fsdp, tensor) mesh, as the
+  pretraining step is: the state in `state_shardings` (donated), the reference params in
+  the policy's `param_shardings`, reward args (rm params, offset) in the reward model's
+  (`rm_cfg`) and replicated; prompts and every per-row output split over data×fsdp,
+  metrics replicated. Returns `run(state, prompt_BxP, lengths_B, ref_params, reward_args)
+  -> (state, metrics, Rollout)` where each process passes its own rows of the prompts
+  (`sharding.process_rows`; `sharding.global_batch` joins them); `run.state_shardings`
+  places a fresh state (`sharding.place`)."""
+
+  def with_rules(state, prompt_BxP, lengths_B, ref_params, reward_args):
+    with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      return iteration(state, prompt_BxP, lengths_B, ref_params, reward_args)
+
+  states = state_shardings(policy_cfg, rm_cfg, tx_policy, tx_value, cfg, mesh)
+  rows = sharding.batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  jitted = jax.jit(with_rules, donate_argnums=0, compiler_options=compiler_options,
+                   in_shardings=(states, rows, rows, param_shardings(policy_cfg, mesh),
+                                 (param_shardings(rm_cfg, mesh), replicated)),
+                   out_shardings=(states, replicated, rows))
+
+  def run(state, prompt_BxP, lengths_B, ref_params, reward_args):
+    prompt_BxP, lengths_B = sharding.global_batch((prompt_BxP, lengths_B), mesh)
+    with jax.set_mesh(mesh):
+      return jitted(state, prompt_BxP, lengths_B, ref_params, tuple(reward_args))
+  run.jitted, run.state_shardings = jitted, states
+  return run

@@ -77,12 +77,79 @@ def logical_to_sharding(logical_specs, mesh: Mesh):
   return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
 
 
-def global_batch(batch, mesh: Mesh):
+def global_batch(batch, mesh: Mesh, rows: int = 0):
   """A batch as global arrays split over data×fsdp: on one process the arrays as they
   are (jit places them), on several each process's rows become its part of the global
   batch (`jax.make_array_from_process_local_data`), so every step and evaluation sees
-  the same global batch on any number of processes."""
+  the same global batch on any number of processes. `rows` > 0: the global batch must
+  have that many rows (MeshError otherwise: e.g. every process fed the whole batch
+  instead of its `process_rows`, which duplicates each row once per process)."""
+  if jax.process_count() > 1:
+    where = batch_sharding(mesh)
+    batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(where, x), batch)
+  if rows:
+    for x in jax.tree.leaves(batch):
+      if x.shape[0] != rows:
+        raise MeshError(f'the global batch has {x.shape[0]} rows, not {rows}: each of the '
+                        f'{jax.process_count()} processes must feed only its rows '
+                        '(sharding.process_rows)')
+  return batch
+
+
+def process_rows(mesh: Mesh, global_rows: int) -> slice:
+  """The rows [start, stop) of a `global_rows`-row batch that this process feeds to
+  `global_batch` (under `batch_sharding`, the rows its devices hold): the whole batch
+  on one process, a contiguous 1/process_count share on several (mesh devices in
+  process order, as `make_mesh` lays them out). Raises MeshError when the batch does
+  not split evenly or this process's rows are not one contiguous block."""
   if jax.process_count() == 1:
-    return batch
-  where = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(where, x), batch)
+    return slice(0, global_rows)
+  data = mesh.shape['data'] * mesh.shape['fsdp']
+  if global_rows % data:
+    raise MeshError(f'batch size {global_rows} is not divisible by data×fsdp = {data} '
+                    f'of mesh {dict(mesh.shape)}')
+  spans = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
+                  for s in batch_sharding(mesh).addressable_devices_indices_map(
+                      (global_rows,)).values()})
+  start, stop = spans[0]
+  for a, b in spans[1:]:
+    if a != stop:
+      raise MeshError(f'process {jax.process_index()} holds rows {spans} of the batch: not '
+                      'one contiguous block (order the mesh devices by process)')
+    stop = b
+  return slice(start, stop)
+
+
+def host_local(tree):
+  """Every leaf as a numpy array holding the whole (global) value, on every process:
+  `np.asarray` where a process can read it all, else gathered from all processes
+  (`multihost_utils.process_allgather`, a collective every process must call)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(one, tree)
+
+
+def place(tree, shardings):
+  """`tree` (host or single-device arrays holding the whole value, the same on every
+  process; typed PRNG keys allowed) put in `shardings` (a matching tree or one
+  sharding): `jax.device_put` on one process, on several each process builds its
+  addressable shards (`jax.make_array_from_callback`)."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  # Several processes: jax.device_put refuses shardings over other processes' devices.
+  if not isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda x, s: s, tree, shardings)
+  else:
+    shardings = jax.tree.map(lambda x: shardings, tree)
+
+  def one(x, where):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(x), where),
+                                      impl=jax.random.key_impl(x))
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, where, lambda index: value[index])
+  return jax.tree.map(one, tree, shardings)

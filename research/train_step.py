@@ -132,10 +132,10 @@ def init_params(model_cfg: model_lib.TransformerConfig, seed: int, seq_len: int)
 
 def train_state_from_params(params, tx, shardings, mesh) -> TrainState:
   """A step-0 state around given params (a previous stage's), in the state's shardings."""
-  params = jax.device_put(params, shardings.params)
+  params = sharding.place(params, shardings.params)  # from every process's whole copy
   with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  step = sharding.place(jnp.zeros((), jnp.int32), shardings.step)
   return TrainState(step=step, params=params, opt_state=opt_state)
 
 
@@ -198,8 +198,10 @@ def make_train_step(model, tx, schedule, objective: Callable, ids, *, z_loss=0.0
   return step
 
 
-def jit_train_step(step: Callable, shardings, mesh):
-  """Compile over the mesh: state donated, batch split over data×fsdp, metrics replicated."""
+def jit_train_step(step: Callable, shardings, mesh, batch_size: int = 0):
+  """Compile over the mesh: state donated, batch split over data×fsdp, metrics replicated.
+  Each process passes its own rows of the batch; `batch_size` > 0: the global batch
+  must have that many rows (sharding.MeshError otherwise)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def with_rules(state, batch, rng):
@@ -211,7 +213,7 @@ def jit_train_step(step: Callable, shardings, mesh):
 
   @functools.wraps(step)
   def run(state, batch, rng):
-    batch = sharding.global_batch(batch, mesh)  # each process holds its own rows
+    batch = sharding.global_batch(batch, mesh, batch_size)  # each process: its own rows
     with jax.set_mesh(mesh):
       return jitted(state, batch, rng)
   run.jitted = jitted
