@@ -1,0 +1,125 @@
+"""The RLHF methods study: matched budgets asserted, the unbiased best-of-n estimate, and
+(slow) every arm end to end on a tiny model, a report naming every arm, rebuilt from
+the files alone, and a rerun that runs nothing again."""
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from configs import compare_rlhf as study_config
+from experiments import common
+from experiments import compare_rlhf as study
+from experiments import compare_rlhf_report as study_report
+from research import rl_tasks
+from tests.test_rlhf import pretrained  # pylint: disable=unused-import  (a fixture)
+
+
+def _dict(config):
+  return json.loads(json.dumps(config.to_dict()))
+
+
+def test_budgets_are_matched_and_a_mismatch_is_refused():
+  config = _dict(study_config.get_config('cpu'))
+  budgets = study.arm_budgets(config)
+  assert sorted(budgets) == sorted(study_config.ARMS)
+  assert {b['responses'] for b in budgets.values()} == {16 * 32}
+  assert budgets['grpo']['prompts'] == 16 * 32 // 4 and budgets['ppo']['prompts'] == 16 * 32
+  assert budgets['dpo'] == dict(responses=512, prompts=256, per_prompt=2, prompt_set='train')
+  assert budgets['best_of_n']['per_prompt'] == 512 // 64
+  study.check_equal_budget(budgets)  # no error
+  with pytest.raises(study.BudgetError, match='unequal'):
+    study.check_equal_budget(dict(budgets, dpo=dict(budgets['dpo'], responses=510)))
+  config['rlhf']['data']['eval_prompts'] = 60  # 512 samples cannot split evenly
+  with pytest.raises(common.UserError, match='eval_prompts'):
+    study.arm_budgets(config)
+  config = _dict(study_config.get_config('cpu'))
+  config['rl_arms']['grpo']['group_size'] = 5
+  with pytest.raises(common.UserError, match='group_size'):
+    study.arm_budgets(config)
+
+
+def test_best_of_n_expected_is_the_mean_over_all_subsets():
+  rng = np.random.default_rng(0)
+  proxy, gold = rng.normal(size=(3, 6)), rng.normal(size=(3, 6))
+  rows = rl_tasks.best_of_n_expected(proxy, gold, range(1, 7))
+  for row in rows:
+    n = row['n']
+    want_p, want_g = [], []
+    for i in range(3):
+      subsets = list(itertools.combinations(range(6), n))
+      best = [max(s, key=lambda j: proxy[i, j]) for s in subsets]
+      want_p.append(np.mean([proxy[i, j] for j in best]))
+      want_g.append(np.mean([gold[i, j] for j in best]))
+    assert row['proxy'] == pytest.approx(np.mean(want_p))
+    assert row['gold'] == pytest.approx(np.mean(want_g))
+    assert row['kl'] == pytest.approx(math.log(n) - (n - 1) / n)
+  assert rows[0]['proxy'] == pytest.approx(proxy.mean())  # n = 1: any sample
+  assert rows[-1]['gold'] == pytest.approx(gold[np.arange(3), proxy.argmax(1)].mean())
+  assert rl_tasks.best_of_n_expected(proxy, None, [2])[0]['gold'] is None
+  with pytest.raises(ValueError, match='best-of-7'):
+    rl_tasks.best_of_n_expected(proxy, gold, [7])
+
+
+def micro_config(root):
+  config = study_config.get_config('test')
+  for key, value in {'rlhf.data.corpus': root / 'corpus', 'rlhf.data.min_sentence_words': 6,
+                     'rlhf.data.min_words': 2, 'rlhf.data.max_words': 4}.items():
+    common.apply_override(config, key, str(value))
+  return config
+
+
+@pytest.mark.slow
+def test_every_arm_runs_the_report_names_them_and_a_rerun_skips(pretrained, tmp_path,
+                                                                monkeypatch):
+  init, workdir = pretrained / 'pretrain', tmp_path / 'study'
+  config = micro_config(pretrained)
+  results = study.run_study(config, workdir, init)
+  arms = study_config.ARMS
+  assert sorted(results) == sorted(arms)
+  for arm in arms:
+    assert len(results[arm]) == 2 and all(r is not None for r in results[arm]), arm
+    for seed, run in zip((0, 1), results[arm]):
+      assert run['seed'] == seed and (workdir / arm / f'seed{seed}' / study.RESULT_FILE).exists()
+      assert run['budget']['responses'] == 4 * 8
+      points = run['curve']
+      assert len(points) >= 3 and all(math.isfinite(p['gold']) and math.isfinite(p['proxy'])
+                                      for p in points), arm
+      assert points[0]['kl_k1'] == pytest.approx(0.0, abs=1e-4)  # every curve starts at init
+  # Same evaluation prompts and key: every arm of a seed starts at the same point.
+  for seed in (0, 1):
+    starts = {arm: results[arm][seed]['curve'][0] for arm in arms if arm != 'best_of_n'}
+    assert len({round(p['gold'], 6) for p in starts.values()}) == 1, starts
+  assert [p['x'] for p in results['dpo'][0]['curve']] == [0, 2, 4]
+  assert [p['x'] for p in results['best_of_n'][0]['curve']] == [1, 2, 3, 4]
+  # One proxy for all: trained by the first RL arm of the first seed.
+  rm_dirs = {results[a][s]['reward_model']['workdir'] for a in study_config.RL_ARMS
+             for s in (0, 1)}
+  assert rm_dirs == {str(workdir / 'ppo' / 'seed0' / 'reward_model')}
+  assert not (workdir / 'grpo' / 'seed1' / 'reward_model').exists()
+
+  text = (workdir / 'report.md').read_text()
+  for arm in arms:
+    assert f'| {arm} |' in text, arm
+  for needle in ('reward_vs_kl.png', 'd(α − βd)', 'Against the paper', 'sampled responses'):
+    assert needle in text, needle
+  assert (workdir / study_report.PLOT_FILE).stat().st_size > 1000
+  fits = json.loads((workdir / study_report.FITS_FILE).read_text())
+  assert sorted(fits) == sorted(arms)
+
+  # The report is rebuilt from study.json and results.json alone, identically.
+  (workdir / 'report.md').unlink()
+  (workdir / study_report.PLOT_FILE).unlink()
+  assert study_report.main(['compare_rlhf_report', f'--workdir={workdir}']) == 0
+  assert (workdir / 'report.md').read_text() == text
+  assert (workdir / study_report.PLOT_FILE).exists()
+
+  # Rerunning skips every finished arm: nothing is trained or sampled again.
+  def refuse(*args, **kwargs):
+    raise AssertionError('a finished arm ran again')
+  monkeypatch.setattr(study.rlhf_stage, 'run', refuse)
+  monkeypatch.setattr(study.dpo_stage, 'train', refuse)
+  monkeypatch.setattr(study, 'Task', refuse)
+  again = study.run_study(config, workdir, init)
+  assert again == results
