@@ -85,5 +85,5 @@ def test_peaks_then_falls_on_measured_curves():
   assert overopt.peaks_then_falls(d, [0.0, 0.2, 0.3, 0.4]) is False  # still rising
   assert overopt.peaks_then_falls(d, [0.5, 0.2, 0.1, 0.0]) is False  # highest at the start
   assert overopt.peaks_then_falls(d, [0.0, 0.3, 0.29, 0.295], tolerance=0.01) is False
-  assert overopt.peaks_then_falls([1.5, 0.0, 1.0, 0.5], [0.1, 0.0, 0.3, 0.2]) is True  # sorts
+  assert overopt.peaks_then_falls([1.0, 0.0, 0.5, 1.5], [0.3, 0.0, 0.2, 0.1]) is True  # sorts by d
   assert overopt.peaks_then_falls(d[:2], [0.0, 0.1]) is None
