@@ -13,9 +13,10 @@ The proxy is trained once, by the first RL arm of the first seed (configs/rlhf.p
 `reward_model` and `pairs` sections), unless `reward_model_workdir` names one.
 
 Presets:
-  cpu (default)  the tiny SFT model, 2 seeds, 16 iterations × 32 responses per RL run
-                 (512 sampled responses per arm and seed), 64 evaluation prompts,
-                 evaluations every 4 iterations; sized for ~30 min on 2 busy CPU cores
+  cpu (default)  the tiny SFT model, 2 seeds, 8 iterations × 32 responses per RL run
+                 (256 sampled responses per arm and seed), 32 evaluation prompts,
+                 evaluations every 2 iterations; a proxy from 512 prompts × 4 samples,
+                 80 steps; sized for ~30-45 min on 2 CPU cores shared by many jobs
   test           seconds, for tests
 """
 import ml_collections
@@ -32,9 +33,9 @@ RL_ARMS = {
 ARMS = (*RL_ARMS, 'dpo', 'best_of_n')
 
 PRESETS = {
-    'cpu': dict(rlhf='default', seeds=(0, 1), iterations=16, batch=32, eval_every=4,
-                eval_prompts=64, rm_prompts=1024, rm_steps=150, rm_batch=32, dpo_steps=40,
-                dpo_segments=5, dpo_batch=16, dpo_lr=5e-5, bootstrap=2000),
+    'cpu': dict(rlhf='default', seeds=(0, 1), iterations=8, batch=32, eval_every=2,
+                eval_prompts=32, rm_prompts=512, rm_steps=80, rm_batch=32, dpo_steps=24,
+                dpo_segments=4, dpo_batch=16, dpo_lr=5e-5, bootstrap=2000),
     'test': dict(rlhf='test', seeds=(0, 1), iterations=4, batch=8, eval_every=2,
                  eval_prompts=8, rm_prompts=48, rm_steps=6, rm_batch=8, dpo_steps=4,
                  dpo_segments=2, dpo_batch=4, dpo_lr=1e-3, bootstrap=200),

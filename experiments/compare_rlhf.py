@@ -207,6 +207,8 @@ def _gold_agreement(out: dict, gold) -> Optional[float]:
   g = gold(out['texts']).reshape(-1, 2)
   p = np.asarray(out['proxy']).reshape(-1, 2)
   decided = g[:, 0] != g[:, 1]
+  if not decided.any():
+    return None
   return float(np.mean((g[decided, 0] > g[decided, 1]) == (p[decided, 0] > p[decided, 1])))
 
 

@@ -24,14 +24,14 @@ def test_budgets_are_matched_and_a_mismatch_is_refused():
   config = _dict(study_config.get_config('cpu'))
   budgets = study.arm_budgets(config)
   assert sorted(budgets) == sorted(study_config.ARMS)
-  assert {b['responses'] for b in budgets.values()} == {16 * 32}
-  assert budgets['grpo']['prompts'] == 16 * 32 // 4 and budgets['ppo']['prompts'] == 16 * 32
-  assert budgets['dpo'] == dict(responses=512, prompts=256, per_prompt=2, prompt_set='train')
-  assert budgets['best_of_n']['per_prompt'] == 512 // 64
+  assert {b['responses'] for b in budgets.values()} == {8 * 32}
+  assert budgets['grpo']['prompts'] == 8 * 32 // 4 and budgets['ppo']['prompts'] == 8 * 32
+  assert budgets['dpo'] == dict(responses=256, prompts=128, per_prompt=2, prompt_set='train')
+  assert budgets['best_of_n']['per_prompt'] == 256 // 32
   study.check_equal_budget(budgets)  # no error
   with pytest.raises(study.BudgetError, match='unequal'):
     study.check_equal_budget(dict(budgets, dpo=dict(budgets['dpo'], responses=510)))
-  config['rlhf']['data']['eval_prompts'] = 60  # 512 samples cannot split evenly
+  config['rlhf']['data']['eval_prompts'] = 60  # 256 samples cannot split evenly
   with pytest.raises(common.UserError, match='eval_prompts'):
     study.arm_budgets(config)
   config = _dict(study_config.get_config('cpu'))
