@@ -123,3 +123,22 @@ def test_every_arm_runs_the_report_names_them_and_a_rerun_skips(pretrained, tmp_
   monkeypatch.setattr(study, 'Task', refuse)
   again = study.run_study(config, workdir, init)
   assert again == results
+
+
+def test_bad_configs_are_one_line_errors_before_anything_is_written(pretrained, tmp_path):
+  init, workdir = pretrained / 'pretrain', tmp_path / 'study'
+  with pytest.raises(common.UserError, match='init'):
+    study.run_study(micro_config(pretrained), workdir, '')
+  config = micro_config(pretrained)
+  config.arms = ('ppo', 'sft')
+  with pytest.raises(common.UserError, match="arm 'sft'"):
+    study.run_study(config, workdir, init)
+  config = micro_config(pretrained)
+  config.arms = ('dpo', 'best_of_n')  # nothing would train the proxy
+  with pytest.raises(common.UserError, match='reward_model_workdir'):
+    study.run_study(config, workdir, init)
+  config = micro_config(pretrained)
+  config.rlhf.gold = 'none'
+  with pytest.raises(common.UserError, match='gold'):
+    study.run_study(config, workdir, init)
+  assert not workdir.exists()
