@@ -142,3 +142,50 @@ def test_bad_configs_are_one_line_errors_before_anything_is_written(pretrained, 
   with pytest.raises(common.UserError, match='gold'):
     study.run_study(config, workdir, init)
   assert not workdir.exists()
+
+
+def _synthetic_study(tmp_path, rl_alpha, rl_beta, seeds=3):
+  """study.json + results.json of a best-of-n arm and a PPO arm whose gold curves follow
+  Gao et al.'s forms (bon: α 0.4, β 0.2, peak d* = 1; ppo: the given α, β)."""
+  from research import overoptimization as overopt
+  config = _dict(study_config.get_config('test'))
+  config['arms'] = ['ppo', 'best_of_n']
+  config['seeds'] = list(range(seeds))
+  rng = np.random.default_rng(0)
+  results = {}
+  for arm, form, (a, b), d_max in (('best_of_n', 'bon', (0.4, 0.2), 2.0),
+                                   ('ppo', 'rl', (rl_alpha, rl_beta), 4.0)):
+    results[arm] = []
+    for seed in range(seeds):
+      d = np.linspace(0.0, d_max, 9)
+      gold = 0.1 + overopt.predict(form, a, b, d) + rng.normal(0, 0.002, d.shape)
+      curve = [dict(x=i, sqrt_kl=float(x), kl_k1=float(x * x), gold=float(g),
+                    proxy=float(0.5 * x)) for i, (x, g) in enumerate(zip(d, gold))]
+      results[arm].append(dict(arm=arm, seed=seed, curve=curve,
+                               timing=dict(wall_seconds=60.0, cpu_seconds=30.0)))
+  facts = dict(budgets={a: dict(responses=32, prompts=8, per_prompt=4, prompt_set='train')
+                        for a in config['arms']},
+               reward_model=dict(workdir='rm', heldout=dict(accuracy=0.6, interval=[0.5, 0.7],
+                                                            n=50)))
+  study_report.save_inputs(tmp_path, config, 'init', results, facts)
+  return study_report.write(tmp_path)
+
+
+def test_report_fits_and_judges_constructed_curves(tmp_path):
+  text = _synthetic_study(tmp_path, rl_alpha=0.4, rl_beta=0.2)  # RL peak at d* = e
+  fits = json.loads((tmp_path / study_report.FITS_FILE).read_text())
+  assert fits['best_of_n']['alpha'] == pytest.approx(0.4, abs=0.01)
+  assert fits['best_of_n']['d_peak'] == pytest.approx(1.0, abs=0.02)
+  assert fits['ppo']['d_peak'] == pytest.approx(math.e, rel=0.02)
+  assert fits['ppo']['unit'] == 'seeds'
+  assert 'gold peaks then falls in 3 of 3 seeds' in text
+  assert 'Shown for ppo.' in text
+  assert '| best_of_n | bon | 0.4' in text
+  # A gold curve that keeps rising: no measured peak, and RL's is not judged larger.
+  text = _synthetic_study(tmp_path, rl_alpha=0.3, rl_beta=0.01)
+  assert 'ppo: gold peaks then falls in 0 of 3 seeds' in text
+  assert 'Not shown: no RL arm' in text
+  # RL peaking before best-of-n (d* = e^−0.5), both inside the data: not shown either.
+  text = _synthetic_study(tmp_path, rl_alpha=0.2, rl_beta=0.4)
+  assert 'ppo: gold peaks then falls in 3 of 3 seeds' in text
+  assert 'Not shown: no RL arm' in text
