@@ -323,12 +323,19 @@ def run_study(config, workdir, init) -> dict:
     checkpoint_lib.write_json_atomic(run_dir / RESULT_FILE, record)
     common.log(f'{arm} seed {seed}: done in {record["timing"]["wall_seconds"]:.0f}s wall, '
                f'{record["timing"]["cpu_seconds"]:.0f}s CPU')
+    write_results(config, workdir, init, rm_dir, owner)  # a report so far after every arm
+  return write_results(config, workdir, init, rm_dir, owner)
+
+
+def write_results(config: dict, workdir: pathlib.Path, init, rm_dir: str, owner) -> dict:
+  """results.json and study.json from the finished arms' files (None for an arm and seed
+  not finished yet), then the report from those; -> results."""
   results = {arm: [_read(workdir / arm / f'seed{s}' / RESULT_FILE) for s in config['seeds']]
              for arm in config['arms']}
   rm_summary = _read(pathlib.Path(rm_dir) / 'summary.json') or {}
   owner_record = _read(workdir / owner[0] / f'seed{owner[1]}' / rlhf_stage.RM_SUMMARY) \
       if owner else None
-  facts = dict(budgets=budgets, reward_model=dict(
+  facts = dict(budgets=arm_budgets(config), reward_model=dict(
       workdir=rm_dir, heldout=(rm_summary.get('heldout') or {}),
       pairs=(owner_record or {}).get('pairs'), minutes=rm_summary.get('minutes')))
   report_lib.save_inputs(workdir, config, str(init), results, facts)
