@@ -35,6 +35,7 @@ from experiments import compare_rlhf_report as report_lib
 from experiments import dpo as dpo_stage
 from experiments import rlhf as rlhf_stage
 from research import checkpoint as checkpoint_lib
+from research import evaluation
 from research import model as model_lib
 from research import ppo
 from research import rl_tasks
@@ -255,9 +256,16 @@ def run_best_of_n_arm(config, seed, task: Task, budget) -> dict:
   out = task.sample([ids for ids in task.prompts.eval_ids for _ in range(k)],
                     jax.random.key(seed + 202), config)
   gold = None if task.gold is None else task.gold(out['texts']).reshape(p, k)
-  rows = rl_tasks.best_of_n_expected(out['proxy'].reshape(p, k), gold, range(1, k + 1))
+  proxy = out['proxy'].reshape(p, k)
+  rows = rl_tasks.best_of_n_expected(proxy, gold, range(1, k + 1))
   curve = [dict(x=r['n'], proxy=r['proxy'], gold=r['gold'], kl_k1=r['kl'],
                 sqrt_kl=r['sqrt_kl']) for r in rows]
+  if gold is not None:  # 95 % t-intervals over the prompts, as the other arms' evaluations
+    per_prompt = [rl_tasks.best_of_n_expected(proxy[i:i + 1], gold[i:i + 1], range(1, k + 1))
+                  for i in range(p)]
+    for j, point in enumerate(curve):
+      s = evaluation.summarize([rows_i[j]['gold'] for rows_i in per_prompt])
+      point.update(gold_lo=s['lo'], gold_hi=s['hi'])
   return dict(arm='best_of_n', seed=seed, curve=curve, x_name='n',
               timing=dict(wall_seconds=time.time() - start,
                           cpu_seconds=time.process_time() - cpu))
@@ -337,7 +345,8 @@ def write_results(config: dict, workdir: pathlib.Path, init, rm_dir: str, owner)
       if owner else None
   facts = dict(budgets=arm_budgets(config), reward_model=dict(
       workdir=rm_dir, heldout=(rm_summary.get('heldout') or {}),
-      pairs=(owner_record or {}).get('pairs'), minutes=rm_summary.get('minutes')))
+      pairs=(owner_record or {}).get('pairs'), minutes=rm_summary.get('minutes'),
+      trained_by=f'{owner[0]} seed {owner[1]}' if owner else None))
   report_lib.save_inputs(workdir, config, str(init), results, facts)
   report_lib.write(workdir)
   return results

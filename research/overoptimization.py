@@ -100,7 +100,9 @@ def bootstrap_fit(form: str, curves: Sequence[tuple], num_samples: int = 2000, s
     f = fit(form, d, g)
     draws.append((f['alpha'], f['beta'], f['d_peak']))
   lo_q, hi_q = 50 * (1 - confidence), 50 * (1 + confidence)
-  interval = lambda v: (float(np.percentile(v, lo_q)), float(np.percentile(v, hi_q)))
+  # Order statistics, not interpolation: a peak is ∞ in draws where β <= 0.
+  interval = lambda v: (float(np.percentile(v, lo_q, method='inverted_cdf')),
+                        float(np.percentile(v, hi_q, method='inverted_cdf')))
   arr = np.asarray(draws, np.float64)
   return dict(point, alpha_interval=interval(arr[:, 0]), beta_interval=interval(arr[:, 1]),
               d_peak_interval=interval(arr[:, 2]), unit='seeds' if by_seed else 'points',
