@@ -220,7 +220,10 @@ def write(workdir) -> str:
          is not None else 'unknown)') + f'. Seeds {config["seeds"]}; '
       f'{r["data"]["eval_prompts"]} fixed evaluation prompts, {r["ppo"]["max_new_tokens"]}-token '
       'continuations; KL = mean per-sequence k1 to the init policy on those prompts '
-      '(best-of-n: log n − (n − 1)/n).', '',
+      '(best-of-n: log n − (n − 1)/n). Each seed draws its own prompt pool and evaluation '
+      'prompts (configs/rlhf.py\'s seed), shared by every arm of that seed: absolute rewards '
+      'vary more between seeds than between arms, so the fits use each run\'s gain over its '
+      'own start.', '',
       '## Budget (asserted equal: sampled responses per arm and seed)', '',
       '| arm | sampled responses | prompts | responses per prompt | prompt set |', '|---|---|---|---|---|']
   for arm, b in facts['budgets'].items():
