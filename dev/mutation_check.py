@@ -393,6 +393,22 @@ MUTATIONS = [
     Mutation('dpo_every_process_feeds_all_pairs', 'experiments/dpo.py',
              "{k: v[idx[rows]] for k, v", "{k: v[idx] for k, v",
              ('tests/test_multihost.py', '-k', 'sft_and_dpo'), 'multihost'),
+    # --- RLHF methods study: Gao et al. fits, best-of-n estimate, matched budgets ---------
+    Mutation('gao_rl_form_without_d', 'research/overoptimization.py',
+             "-np.where(d > 0, d * np.log(safe), 0.0)", "-np.where(d > 0, np.log(safe), 0.0)",
+             ('tests/test_overoptimization.py',), 'rlhf_study'),
+    Mutation('gao_rl_peak_off', 'research/overoptimization.py',
+             "np.exp(min(alpha / beta - 1.0, 700.0))", "np.exp(min(alpha / beta, 700.0))",
+             ('tests/test_overoptimization.py', '-k', 'peak'), 'rlhf_study'),
+    Mutation('bootstrap_never_resamples', 'research/overoptimization.py',
+             "pick = rng.integers(0, len(curves), len(curves))", "pick = np.arange(len(curves))",
+             ('tests/test_overoptimization.py', '-k', 'bootstrap'), 'rlhf_study'),
+    Mutation('best_of_n_expected_weights_off', 'research/rl_tasks.py',
+             "w_K = np.asarray([math.comb(i - 1, n - 1)", "w_K = np.asarray([math.comb(i, n - 1)",
+             ('tests/test_compare_rlhf.py', '-k', 'best_of_n_expected'), 'rlhf_study'),
+    Mutation('rlhf_study_budget_unchecked', 'experiments/compare_rlhf.py',
+             "  if len(set(counts.values())) > 1:", "  if False:",
+             ('tests/test_compare_rlhf.py', '-k', 'budgets'), 'rlhf_study'),
 ]
 
 

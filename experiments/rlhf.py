@@ -43,7 +43,6 @@ from research import checkpoint as checkpoint_lib
 from research import data as data_lib
 from research import model as model_lib
 from research import ppo
-from research import preferences
 from research import rl_tasks
 from research import sharding
 
@@ -60,34 +59,13 @@ encode, response_texts, sample_rows = rl_tasks.encode, rl_tasks.response_texts, 
 
 
 def load_prompts(config: dict, init_workdir, tokenizer) -> rl_tasks.Prompts:
-  """The task's training pool and fixed evaluation prompts (research/rl_tasks.py)."""
-  dc = config['data']
-  if config['task'] == 'hh':
-    try:
-      pairs = preferences.hh_rlhf(dc['hh_path'] or None)
-    except preferences.PreferenceError as e:
-      raise common.UserError(str(e)) from None
-    rc = config['reward_model']
-    return rl_tasks.hh_prompts(pairs, tokenizer, heldout_fraction=rc['data']['heldout_fraction'],
-                               seed=rc['seed'], max_prompt_tokens=dc['max_prompt_tokens'],
-                               eval_prompts=dc['eval_prompts'])
-  corpus, fraction, split_seed = checkpoint_lib.pretraining_split(init_workdir, dc['validation_fraction'])
-  note = ''
-  if corpus != dc['corpus']:
-    note = (f'the init\'s pretraining corpus is {corpus!r}, not {dc["corpus"]!r}: prompts come '
-            f'from a {fraction} split (seed {split_seed}) of {dc["corpus"]!r}')
-    common.log(f'note: {note}')
-  _, held = data_lib.split_documents(data_lib.load_corpus(dc['corpus']), fraction,
-                                     seed=split_seed)
+  """The task's training pool and fixed evaluation prompts (rl_tasks.load_prompts)."""
   try:
-    prompts = rl_tasks.continuation_prompts(
-        held, tokenizer, seed=config['seed'], min_sentence_words=dc['min_sentence_words'],
-        min_words=dc['min_words'], max_words=dc['max_words'],
-        max_prompt_tokens=dc['max_prompt_tokens'], eval_prompts=dc['eval_prompts'],
-        min_train=config['ppo']['batch_size'])
+    prompts = rl_tasks.load_prompts(config, init_workdir, tokenizer)
   except rl_tasks.TaskError as e:
-    raise common.UserError(f'{dc["corpus"]!r}: {e}') from None
-  prompts.note = note
+    raise common.UserError(str(e)) from None
+  if prompts.note:
+    common.log(f'note: {prompts.note}')
   return prompts
 
 

@@ -7,7 +7,9 @@ should have answered, as plain functions of documents, token ids and texts.
   make_gold              VADER compound sentiment (a gold reward that is never optimised)
   gold_labelled_pairs    2k samples per prompt -> k disjoint pairs, chosen = higher gold,
                          near-ties skipped, split by prompt (the proxy RM's data)
+  load_prompts           the configured task's prompts for an init workdir
   best_of_n              best-of-n by proxy with the analytic KL (Stiennon et al. 2020)
+  best_of_n_expected     its unbiased estimate from K >= n samples (Gao et al. 2022)
   sample_rows / evaluate_policy / samples_table   a policy's samples on a prompt set,
                          scored by proxy, gold and KL from a reference policy
 """
@@ -21,6 +23,8 @@ import jax
 import numpy as np
 
 from research import chat
+from research import checkpoint as checkpoint_lib
+from research import data as data_lib
 from research import evaluation
 from research import preferences
 from research import reward_model as rm_lib
@@ -131,6 +135,44 @@ def hh_prompts(pairs: Sequence, tokenizer, *, heldout_fraction: float, seed: int
                  eval_ids=eval_ids[:eval_prompts], stop_id=tokenizer.chat_ids['end_of_turn'])
 
 
+def load_prompts(config: dict, init_workdir, tokenizer) -> Prompts:
+  """The task's training pool and fixed evaluation prompts, as configs/rlhf.py sets them.
+
+  continuation: sentences of the held-out split of the init's pretraining documents
+  (that run's fraction and split seed; `note` says when its corpus is not data.corpus);
+  hh: hh-rlhf dialogues, split as the reward model splits them. Raises TaskError for
+  data that cannot give the prompts.
+  """
+  dc = config['data']
+  if config['task'] == 'hh':
+    try:
+      pairs = preferences.hh_rlhf(dc['hh_path'] or None)
+    except preferences.PreferenceError as e:
+      raise TaskError(str(e)) from None
+    rc = config['reward_model']
+    return hh_prompts(pairs, tokenizer, heldout_fraction=rc['data']['heldout_fraction'],
+                      seed=rc['seed'], max_prompt_tokens=dc['max_prompt_tokens'],
+                      eval_prompts=dc['eval_prompts'])
+  corpus, fraction, split_seed = checkpoint_lib.pretraining_split(init_workdir,
+                                                                  dc['validation_fraction'])
+  note = ''
+  if corpus != dc['corpus']:
+    note = (f'the init\'s pretraining corpus is {corpus!r}, not {dc["corpus"]!r}: prompts come '
+            f'from a {fraction} split (seed {split_seed}) of {dc["corpus"]!r}')
+  _, held = data_lib.split_documents(data_lib.load_corpus(dc['corpus']), fraction,
+                                     seed=split_seed)
+  try:
+    prompts = continuation_prompts(
+        held, tokenizer, seed=config['seed'], min_sentence_words=dc['min_sentence_words'],
+        min_words=dc['min_words'], max_words=dc['max_words'],
+        max_prompt_tokens=dc['max_prompt_tokens'], eval_prompts=dc['eval_prompts'],
+        min_train=config['ppo']['batch_size'])
+  except TaskError as e:
+    raise TaskError(f'{dc["corpus"]!r}: {e}') from None
+  prompts.note = note
+  return prompts
+
+
 def encode(id_lists, width: int, rows: Optional[int] = None):
   """Token lists -> left-aligned int32 [rows, width] and lengths; missing rows copy row 0."""
   rows = rows or len(id_lists)
@@ -229,6 +271,34 @@ def best_of_n(proxy_PxK, gold_PxK, ns) -> list[dict]:
                      proxy=float(proxy_PxK[idx, pick].mean()),
                      gold=None if gold_PxK is None else float(np.asarray(gold_PxK)[idx,
                                                                                   pick].mean())))
+  return rows
+
+
+def best_of_n_expected(proxy_PxK, gold_PxK, ns) -> list[dict]:
+  """Best-of-n by proxy, averaged over every n-subset of each prompt's K samples.
+
+  The unbiased estimator of Gao et al. 2022 (appendix, after Nakano et al. 2021): with a
+  prompt's samples sorted by proxy, the i-th smallest (i = 1..K) is the best of a uniform
+  n-subset with probability C(i−1, n−1) / C(K, n). Ties are broken by sample order.
+  -> [{n, kl, sqrt_kl, proxy, gold}] as `best_of_n`, means over prompts (gold None when
+  gold_PxK is None); the KL is the analytic `best_of_n_kl(n)`. Raises ValueError for n > K.
+  """
+  proxy_PxK = np.asarray(proxy_PxK, np.float64)
+  p, k = proxy_PxK.shape
+  order_PxK = np.argsort(proxy_PxK, axis=1, kind='stable')
+  sorted_proxy = np.take_along_axis(proxy_PxK, order_PxK, axis=1)
+  sorted_gold = None if gold_PxK is None else np.take_along_axis(
+      np.asarray(gold_PxK, np.float64), order_PxK, axis=1)
+  rows = []
+  for n in ns:
+    if not 1 <= n <= k:
+      raise ValueError(f'best-of-{n} needs {n} samples per prompt, have {k}')
+    w_K = np.asarray([math.comb(i - 1, n - 1) for i in range(1, k + 1)], np.float64)
+    w_K /= math.comb(k, n)
+    kl = best_of_n_kl(n)
+    rows.append(dict(n=int(n), kl=kl, sqrt_kl=math.sqrt(kl),
+                     proxy=float((sorted_proxy @ w_K).mean()),
+                     gold=None if sorted_gold is None else float((sorted_gold @ w_K).mean())))
   return rows
 
 

@@ -10,7 +10,7 @@ EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
 SHARED = {'common', 'loop'}
 # Those that run other stages (the whole pipeline and the studies): only they may
 # import a stage, and only its public entry points and constants.
-CALLERS = {'pipeline', 'compare_objectives', 'scaling', 'rlhf'}
+CALLERS = {'pipeline', 'compare_objectives', 'compare_rlhf', 'scaling', 'rlhf'}
 ENTRY_POINTS = {'train', 'run', 'finetune', 'main', 'load_session', 'analyse'}
 MAX_LINES = 450
 
