@@ -123,6 +123,7 @@ def test_rlhf_reads_its_corpus_before_writing(stages, tmp_path):
 
 
 # 2. Resuming or initialising from something that does not match.
+@pytest.mark.slow
 def test_resume_refuses_a_changed_batch_seed_or_corpus(corpus, tmp_path):
   base = dict(data__corpus=corpus, data__seq_len=32, data__batch_size=8,
               tokenizer__vocab_size=512, model__d_model=32, model__num_layers=1,

@@ -66,6 +66,7 @@ def _config(path, steps=30):
   return c
 
 
+@pytest.mark.slow
 def test_dpo_learns_separable_pairs_resumes_exactly_and_loads_as_a_stage(pretrained, tmp_path,
                                                                          monkeypatch):
   calls = []

@@ -249,6 +249,7 @@ def test_era_bins_are_balanced_and_train_test_speeches_disjoint():
   assert classification.majority_accuracy(task.train_labels, task.test_labels) == 0.25
 
 
+@pytest.mark.slow
 def test_finetune_and_probe_return_accuracies(params):
   docs, tokens = _speeches(n=16)
   task = classification.make_era_task(tokens[::2], [d.meta['year'] for d in docs[::2]],

@@ -92,6 +92,7 @@ def hf_logits(model_dir, ids_BxL, cls=None):
     return model.eval()(torch.tensor(np.asarray(ids_BxL))).logits.numpy()
 
 
+@pytest.mark.slow
 def test_exported_model_loads_and_its_logits_equal_ours(ours, exported):
   params, cfg, _ = ours
   assert json.loads((exported / 'config.json').read_text())['architectures'] == [
@@ -103,6 +104,7 @@ def test_exported_model_loads_and_its_logits_equal_ours(ours, exported):
   assert diff < 1e-4
 
 
+@pytest.mark.slow
 def test_greedy_generate_equals_our_sampler(ours, exported):
   params, cfg, tokenizer = ours
   model = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
@@ -216,6 +218,7 @@ def _random_llama_dir(root, tie, **overrides):
   return root
 
 
+@pytest.mark.slow
 def test_transformers_random_llama_imports_and_our_forward_matches(pretrained, tmp_path):
   src = _random_llama_dir(tmp_path / 'llama', tie=True)
   result = run('experiments.import_hf', f'--model={src}', f'--workdir={tmp_path / "w"}',
@@ -260,6 +263,7 @@ def _random_params(cfg, seed=0):
                                    for x, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow
 def test_default_gelu_model_exports_as_arcee(tmp_path):
   cfg = model_lib.TransformerConfig(vocab_size=128, d_model=32, num_layers=2, num_heads=2,
                                     scan_layers=False, norm_eps=1e-5)
@@ -272,6 +276,7 @@ def test_default_gelu_model_exports_as_arcee(tmp_path):
   np.testing.assert_allclose(our_logits(params, cfg, ids), theirs, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_reward_model_exports_as_sequence_classification(tmp_path):
   cfg = model_lib.TransformerConfig(vocab_size=128, d_model=32, num_layers=2, num_heads=4,
                                     num_kv_heads=2, mlp='swiglu', scalar_head=True)

@@ -19,6 +19,7 @@ def params_of(cfg):
 
 @pytest.mark.parametrize('extra', [dict(), dict(num_kv_heads=1, position='learned',
                                                 scan_layers=False)])
+@pytest.mark.slow
 def test_lens_and_maps_are_the_models(extra):
   cfg = model_lib.TransformerConfig(vocab_size=40, d_model=16, num_layers=2, num_heads=2,
                                     max_len=16, **extra)

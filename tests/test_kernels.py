@@ -254,6 +254,7 @@ def test_lm_head_loss_bf16_modes(bf16_mode, z_loss, chunk):
   assert_close(g[1], r[1], TOL[BF16], "dw")
 
 
+@pytest.mark.slow
 def test_string_compute_dtypes():
   """The model passes compute_dtype as a string ('float32' / 'bfloat16')."""
   x, w = jnp.ones((4, 8)), jnp.ones((8, 2))

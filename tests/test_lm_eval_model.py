@@ -57,6 +57,7 @@ def requests(kind, args):
   return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
 
 
+@pytest.mark.slow
 def test_loglikelihoods_equal_evaluation_choice_scores(lm):
   """The bridge's log p(continuation | context) is choice_scores' on the same ids, and
   loglikelihood_rolling of a short text is its log-likelihood after eos."""
@@ -88,6 +89,7 @@ def test_rolling_windows_predict_every_token_once(lm):
 
 @pytest.mark.parametrize('batch_size, padding_side, position', [
     (1, 'right', 'rope'), (3, 'left', 'rope'), (3, 'left', 'learned')])
+@pytest.mark.slow
 def test_choice_does_not_depend_on_batch_or_padding(workdir, learned_workdir, lm, batch_size,
                                                     padding_side, position):
   run = str(workdir if position == 'rope' else learned_workdir)
@@ -172,6 +174,7 @@ metric_list:
   return root
 
 
+@pytest.mark.slow
 def test_local_task_runs_end_to_end(lm, tmp_path, monkeypatch):
   import lm_eval  # pylint: disable=g-import-not-at-top
   from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top

@@ -83,6 +83,7 @@ def test_segments_never_attend_across(setup, prefix_all):
 @pytest.mark.parametrize('overrides', [dict(), dict(mlp='swiglu', norm='layernorm',
                                                     position='learned', tie_embeddings=False,
                                                     scalar_head=True, remat='full')])
+@pytest.mark.slow
 def test_scanned_and_unrolled_layers_agree(overrides):
   scanned = dataclasses.replace(CFG, **overrides)
   unrolled = dataclasses.replace(scanned, scan_layers=False)
@@ -168,6 +169,7 @@ def test_bfloat16_compute_is_close_to_float32(setup):
 
 
 @pytest.mark.parametrize('bf16_dots', ['native', 'f32'])
+@pytest.mark.slow
 def test_bfloat16_gradient_runs_and_is_close_to_float32(setup, bf16_dots, monkeypatch):
   """The whole model's gradient (loss + z-loss, tied head, one loss chunk) with bf16 dot
   operands runs and agrees with float32's to bf16 precision, in both dot modes of
@@ -196,6 +198,7 @@ def test_bfloat16_gradient_runs_and_is_close_to_float32(setup, bf16_dots, monkey
 
 
 @pytest.mark.parametrize('remat', ['dots', 'full'])
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_gradients(setup, remat):
   params, _ = setup
   example = _loss_example(jax.random.randint(jax.random.key(6), (2, L), 10, 128))

@@ -204,6 +204,7 @@ def _span_reference(tokens_L, key, l, noise_rate=0.15, mean_span=3.0):
   return inputs + targets, len(inputs)
 
 
+@pytest.mark.slow
 def test_span_corruption_equals_numpy_reference_from_the_same_key():
   b, l = 4, 64
   batch = _packed_batch(b=b, l=l, seed=7)
@@ -325,6 +326,7 @@ def _no_leak(ex, rows=None):
 
 
 @pytest.mark.parametrize('mode', ['R', 'X'])
+@pytest.mark.slow
 def test_ul2_span_denoisers_are_span_corruption_after_their_mode_token(mode):
   """R and X: [mode | T5 span corruption of the row's first L − 1 tokens], hand-checked by
   rebuilding the source from the sentinels; X with long spans."""
@@ -358,6 +360,7 @@ def test_ul2_span_denoisers_are_span_corruption_after_their_mode_token(mode):
   _no_leak(ex)
 
 
+@pytest.mark.slow
 def test_ul2_s_denoiser_is_a_prefix_lm_after_its_mode_token():
   b, l = 6, 16
   batch = _stream_batch(b, l, seed=1)
@@ -376,6 +379,7 @@ def test_ul2_s_denoiser_is_a_prefix_lm_after_its_mode_token():
   _no_leak(ex)
 
 
+@pytest.mark.slow
 def test_ul2_mixture_rates_hold_and_mode_tokens_match_the_denoiser():
   b, l = 1200, 24
   batch = _stream_batch(b, l, seed=2)

@@ -411,6 +411,7 @@ def toy_reward_numpy(response, valid):
   return ((response == TARGET) & valid).sum(1) / np.maximum(valid.sum(1), 1)
 
 
+@pytest.mark.slow
 def test_ppo_raises_toy_reward(gae_run):
   _, history, rollout = gae_run
   first = history[0]

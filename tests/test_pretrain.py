@@ -178,6 +178,7 @@ def _snapshot(workdir):
   return {p: p.read_bytes() for p in sorted(pathlib.Path(workdir).rglob('*')) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_bad_override_and_foreign_workdir_are_one_line_errors(corpus, reference_run):
   before = _snapshot(reference_run)
   bad = run(pretrain_cmd(reference_run, overrides(corpus) + ['--config.model.num_layer=3']),

@@ -3,6 +3,7 @@
 Tiny random models (float32); the training test runs the step through
 `train_step.jit_train_step` on a one-device mesh.
 """
+import pytest
 import functools
 
 import jax
@@ -108,6 +109,7 @@ def preference_pairs(n, seed):
               rejected_lengths=lengths.copy())
 
 
+@pytest.mark.slow
 def test_reward_model_learns_a_separable_preference():
   params, cfg = reward_model.with_scalar_head(init_params(CFG, seed=2), CFG, jax.random.key(2))
   model = model_lib.Transformer(cfg)

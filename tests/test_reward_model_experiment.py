@@ -148,6 +148,7 @@ def test_batches_are_seeded_epochs_and_resumable():
   assert len(next(data_lib.EpochSampler(3, 8, seed=0))) == 8  # fewer items than a batch
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(pretrained, tmp_path):
   good = write_pairs(tmp_path / 'good.jsonl', 4)
   bad = tmp_path / 'bad.jsonl'

@@ -215,6 +215,7 @@ def test_reward_fn_scores_responses_closed_by_the_stop_token():
   assert abs(float(plain[1]) - float(got[1])) > 1e-4
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(pretrained, tmp_path):
   # A vaderSentiment that fails to import stands for a missing package.
   shadow = tmp_path / 'shadow' / 'vaderSentiment'

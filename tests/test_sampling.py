@@ -152,6 +152,7 @@ def test_complete_equals_uncached_greedy_cut_after_eos(params, greedy):
   assert out[0][-1] == eos and len(out[0]) <= 4
 
 
+@pytest.mark.slow
 def test_mixed_prompt_lengths_batch_equals_one_by_one(params, greedy):
   for i, l in enumerate(LENGTHS):
     alone = sampling.generate(params, PROMPT[i:i + 1, :l], LENGTHS[i:i + 1], jax.random.key(0),
@@ -267,6 +268,7 @@ def test_fill_mask_iterative_unmasks_most_confident_first(params):
   assert filled[1, 2] == logp[1, 2].argmax()
 
 
+@pytest.mark.slow
 def test_generate_with_sharded_params_matches_one_device(params):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu')
@@ -290,6 +292,7 @@ def pretrain_workdir(tmp_path_factory):
                                num_layers=1, steps=2)
 
 
+@pytest.mark.slow
 def test_sample_script_prints_greedy_continuations_and_fills(pretrain_workdir):
   from research import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   prompts = ['The nation', 'Peace and']

@@ -46,6 +46,7 @@ def law_fit(synthetic):
   return sf.fit_law(n, d, loss, starts=sf.init_grid('coarse'), max_starts=40)
 
 
+@pytest.mark.slow
 def test_approach3_recovers_the_law(law_fit):
   law = law_fit.law
   assert abs(law.alpha - TRUE.alpha) < 0.03, law
@@ -54,6 +55,7 @@ def test_approach3_recovers_the_law(law_fit):
   assert abs(law.a - TRUE.a) < 0.03, law
 
 
+@pytest.mark.slow
 def test_screened_grid_finds_the_same_optimum_as_every_start(synthetic, law_fit):
   n, d, _, loss = synthetic
   starts = sf.init_grid('coarse')[::4]  # 61 spread-out starts keep this test short
@@ -74,6 +76,7 @@ def test_huber_gradient_matches_finite_differences(synthetic):
   np.testing.assert_allclose(g, num, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_bootstrap_intervals_cover_the_truth(synthetic, law_fit):
   n, d, _, loss = synthetic
   laws = sf.bootstrap_laws(n, d, loss, 30, law_fit.solutions, seed=1)
@@ -175,6 +178,7 @@ def test_edge_optima_are_flagged_and_left_out():
   assert few.edge and '3' in few.reason
 
 
+@pytest.mark.slow
 def test_fit_cli_writes_report_and_figures(synthetic, tmp_path):
   n, d, c, loss = synthetic
   path = tmp_path / 'runs.csv'
@@ -213,6 +217,7 @@ def test_default_plan_brackets_each_budget_with_five_sizes():
       assert abs(r.tokens * r.flops_per_token - b) <= tokens_per_step * r.flops_per_token / 2
 
 
+@pytest.mark.slow
 def test_sweep_writes_csv_and_skips_finished_runs(tmp_path, monkeypatch):
   config = scaling_config.get_config('test')
   config.base.data.corpus = str(write_corpus(tmp_path / 'corpus', docs=30))

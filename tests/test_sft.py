@@ -127,6 +127,7 @@ def test_sft_lowers_heldout_assistant_loss_and_resumes(pretrained, tmp_path):
   assert bad.returncode == 2 and bad.stderr.count('\n') == 1, bad.stderr
 
 
+@pytest.mark.slow
 def test_sft_input_errors(pretrained, tmp_path):
   # In process: the exceptions run_experiment prints as one line.
   config = sft_config.get_config('test')

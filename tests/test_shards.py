@@ -353,6 +353,7 @@ def pretrain_config(shards_spec, steps=6, **extra):
   return config
 
 
+@pytest.mark.slow
 def test_pretraining_on_a_mixture_resumes_exactly(prepared, second, tmp_path):
   """Three short runs of the same programs: the session's compilation cache (conftest)
   makes the second and third cheap."""

@@ -371,6 +371,7 @@ def full_logprobs(params, tokens_BxL, lengths_B, *, cfg):
   return jax.nn.log_softmax(model_lib.logits(params, hidden, cfg.compute_dtype), axis=-1)
 
 
+@pytest.mark.slow
 def test_resumes_from_the_cache_and_matches_the_uncached_reference(tok, params, monkeypatch):
   prompts = prompts_of(tok)
   plans = [
@@ -588,6 +589,7 @@ def test_calculator_conversations_render_and_parse(tok):
       assert ids[end + 1:next_header + 1].tolist() == runtime.result_block(tok, result, 10**6)
 
 
+@pytest.mark.slow
 def test_two_calls_in_one_answer_match_a_hand_written_transcript(tok, params):
   """A scripted reply calls the calculator twice, then answers: the whole context parses
   to the expected messages, nothing is fed twice, and every sampled token's log-prob is

@@ -89,6 +89,7 @@ def _hand_mean_loss(params, batch, z_loss):
 
 
 @pytest.mark.parametrize('objective', ['causal', 'masked', 'prefix', 'span', 'hybrid'])
+@pytest.mark.slow
 def test_every_objective_overfits_one_batch(objective):
   losses, metrics, _ = run_steps((1, 1, 1), objective, steps=30, lr=1e-2)
   # Masked LM draws new masks every step over uniformly random tokens, so it learns
@@ -150,6 +151,7 @@ def test_schedule_values_at_start_warmup_and_end():
                              [1e-3, 1e-4 + 0.5 * 9e-4, 1e-4], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_gradient_and_update_equal_a_hand_computation(three_causal_steps):
   """Metrics of the first step against a plain per-token-mean loss; its update
   against AdamW written out."""
@@ -204,6 +206,7 @@ def _in_subprocess(mesh_arg: str) -> list:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_losses_equal_on_one_device_and_on_8_device_meshes():
   results = _in_subprocess('1,1,1;2,2,2;8,1,1;1,4,2')
   single = results['1,1,1']
