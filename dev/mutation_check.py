@@ -409,6 +409,10 @@ MUTATIONS = [
     Mutation('rlhf_study_budget_unchecked', 'experiments/compare_rlhf.py',
              "  if len(set(counts.values())) > 1:", "  if False:",
              ('tests/test_compare_rlhf.py', '-k', 'budgets'), 'rlhf_study'),
+    Mutation('checkpoints_without_config_resumed', 'experiments/common.py',
+             "  if (path / 'checkpoints').is_dir() and not (path / 'config.json').exists():",
+             "  if False:",
+             ('tests/test_bad_inputs.py', '-k', 'checkpoints_without'), 'bad_input'),
 ]
 
 

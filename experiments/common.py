@@ -374,10 +374,16 @@ def validate_config(config) -> None:
 
 
 def check_workdir(workdir) -> None:
-  """A workdir is a folder or does not exist yet (UserError otherwise)."""
+  """A workdir is a folder or does not exist yet, and a folder holding checkpoints also
+  holds the config.json written before them (UserError otherwise: resuming checkpoints
+  whose config is gone could continue a different run, e.g. one a killed process saved
+  after its folder was deleted)."""
   path = pathlib.Path(workdir)
   if path.exists() and not path.is_dir():
     raise UserError(f'--workdir={workdir} is a file, not a folder')
+  if (path / 'checkpoints').is_dir() and not (path / 'config.json').exists():
+    raise UserError(f'--workdir={workdir} holds checkpoints/ but no config.json, so they '
+                    'cannot be checked against this run: use a new --workdir')
 
 
 def report_cli(argv, module: str, write) -> int:

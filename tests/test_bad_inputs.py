@@ -192,3 +192,15 @@ def test_validate_config_names_the_key_and_allowed_values():
     with pytest.raises(common.UserError, match=expected.replace('(', r'\(').replace('[', r'\[')):
       common.validate_config(config)
   common.validate_config(pretrain_config.get_config('tiny'))  # the presets pass
+
+
+@pytest.mark.parametrize('module', ['experiments.pretrain', 'experiments.reward_model'])
+def test_checkpoints_without_their_config_are_refused(tmp_path, module):
+  """A folder whose checkpoints/ outlived its config.json (e.g. saved by a killed process
+  after the folder was deleted) is refused, not resumed as if it were this run."""
+  workdir = tmp_path / 'w'
+  (workdir / 'checkpoints' / '3').mkdir(parents=True)
+  before = sorted(p.relative_to(workdir) for p in workdir.rglob('*'))
+  code, lines = cli(module, f'--workdir={workdir}')
+  assert code == 2 and len(lines) == 1 and 'no config.json' in lines[0], lines
+  assert sorted(p.relative_to(workdir) for p in workdir.rglob('*')) == before
