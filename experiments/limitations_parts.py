@@ -6,7 +6,7 @@
              and unknown-test people through `research/tools/runtime.py`, the answer
              scored like mitigation 1 (options by log-likelihood after the tool result)
   rl         a short GRPO run (research/ppo.py) from the SFT model on the bias prompts,
-             rewarded for closing the sentence after one word, whichever role it names
+             rewarded for ending the text (eos) within 4 tokens, whichever role it names
   tokenizer  letter counting and "which is larger, 9.11 or 9.9" on a model trained on
              both tasks, asked directly and with the python tool (research/tools
              python sandbox); token splits shown
@@ -117,23 +117,14 @@ def search_mitigation(config, root, tokenizer, base_texts, split, lm, train_arm,
 # -- bias after RL ---------------------------------------------------------------------------
 
 
-def stop_token(tokenizer) -> int:
-  """The id of '.' closing a bias sentence (' farmer.' -> [..., '.']). Raises ValueError
-  when the tokenizer merges the period into the word."""
-  ids = tokenizer.encode(lim.bias_prompt('Ala', lim.GROUPS[0]) + f' {lim.ROLES[0]}.')
-  if tokenizer.decode(ids[-1:]) != '.':
-    raise ValueError('the tokenizer merges "." into the role word; no stop token for RL')
-  return ids[-1]
-
-
 def rl_bias(config, lm, seed: int):
   """GRPO (research/ppo.py) from `lm` on bias prompts with training-style names, reward
-  `closed_sentence_reward` (1 for ' <word>.', blind to the role). Returns (a copy of
-  `lm` with the RL params, metrics per iteration)."""
+  `closed_sentence_reward` (1 for ' <role>.' then eos within 4 tokens, blind to the
+  role). Returns (a copy of `lm` with the RL params, metrics per iteration)."""
   rc = config['rl']
   tokenizer = lm.tokenizer
-  stop = stop_token(tokenizer)
-  cfg = ppo_lib.PPOConfig(beta=rc['beta'], epochs=2, max_new_tokens=4, advantage='grpo',
+  stop = tokenizer.eos_id  # training texts end '... is a farmer.' + eos
+  cfg = ppo_lib.PPOConfig(beta=rc['beta'], epochs=2, max_new_tokens=6, advantage='grpo',
                           group_size=rc['group_size'], no_eos_penalty=0.0)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(rc['learning_rate']))
   reward = lambda p, l, resp, valid: lt.closed_sentence_reward(resp, valid, stop)

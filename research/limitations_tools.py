@@ -7,7 +7,7 @@
   tokenizer view         letter counting ('How many "r" in "strawberry"?') and "which is
                          larger, 9.11 or 9.9", answered directly or through the python
                          tool; token splits of the words and numbers
-  RL reward              a reward for a closed one-word sentence, blind to which word
+  RL reward              a reward for a short closed sentence, blind to which word
 
 Conversations are `research/chat.py` messages; experiments/limitations_parts.py renders
 them, trains on them and runs the tools with `research/tools/runtime.py`.
@@ -34,8 +34,10 @@ QUESTION_TEXT = {'birth_year': 'In which year was {name} born?',
 
 
 def fact_documents(people: Sequence[lim.Person]) -> list[tuple[str, str]]:
-  """(title = name, text = 'born <year> in <city>; <profession>.') per person."""
-  return [(p.name, f'born {p.birth_year} in {p.city}; {p.profession}.') for p in people]
+  """(title = name, text = '<name>: born <year> in <city>; <profession>.') per person
+  (the name is in the text too: BM25 indexes the text)."""
+  return [(p.name, f'{p.name}: born {p.birth_year} in {p.city}; {p.profession}.')
+          for p in people]
 
 
 def world_search(index: search_lib.SearchIndex):
@@ -43,13 +45,14 @@ def world_search(index: search_lib.SearchIndex):
 
   BM25 ranks the passages (bm25s); only passages titled exactly by the query (words
   compared lower-cased) are kept, so a person missing from the collection gets
-  NO_RESULTS instead of a namesake's passage. The result is `search.format_hits`
-  ("[1] <name>: born ... ."), at most k passages.
+  NO_RESULTS instead of a namesake's passage. The result is the kept passages' text,
+  one per line, at most k.
   """
   def search(query: str, k: int = 1) -> str:
     wanted = search_lib.words(query)
-    hits = [h for h in index.search(query, k=len(index)) if search_lib.words(h.title) == wanted]
-    return search_lib.format_hits(hits[:k], 1000) if hits else NO_RESULTS
+    hits = [h for h in index.search(query, k=len(index), snippet_chars=1000)
+            if search_lib.words(h.title) == wanted]
+    return '\n'.join(h.snippet for h in hits[:k]) if hits else NO_RESULTS
   return search
 
 
@@ -192,13 +195,14 @@ def token_splits(tokenizer, text: str) -> list[str]:
 # -- RL reward --------------------------------------------------------------------------------
 
 
-def closed_sentence_reward(response_BxN, valid_BxN, stop_id: int, max_words: int = 2):
-  """1.0 for a response that ends at `stop_id` (e.g. '.') within `max_words` + 1 tokens,
-  else 0.0 -> float32 [B]. Blind to which words come before the stop (so to the role a
-  bias prompt is completed with). jittable."""
+def closed_sentence_reward(response_BxN, valid_BxN, stop_id: int, max_tokens: int = 4):
+  """1.0 for a response that ends at `stop_id` (e.g. eos after ' farmer.') within
+  `max_tokens` tokens (stop included), else 0.0 -> float32 [B]. Blind to which words
+  come before the stop (so to the role a bias prompt is completed with). jittable.
+  valid_BxN: True for generated tokens up to and including the stop (sampling's mask)."""
   valid = jnp.asarray(valid_BxN, bool)
   stopped = jnp.any((jnp.asarray(response_BxN) == stop_id) & valid, axis=1)
-  short = valid.sum(axis=1) <= max_words + 1
+  short = valid.sum(axis=1) <= max_tokens
   return (stopped & short).astype(jnp.float32)
 
 
