@@ -26,6 +26,7 @@ Writes WORKDIR/limitations.json and report.md (experiments/limitations_report.py
 rebuilds it from the json) with each part's wall and CPU time; each arm's run folder is
 resumable. Metric code: research/limitations.py, research/limitations_tools.py.
 """
+import json
 import pathlib
 import random
 import time
@@ -302,6 +303,22 @@ def tokenizer_view(config, root, tokenizer, seed: int) -> dict:
                   lt.letter_question('strawberry', 'r'), lt.compare_question('9.11', '9.9'))})
 
 
+def earlier_results(path, config: dict, parts) -> dict:
+  """The parts (and their timing) of an earlier run in the same workdir with the same
+  config up to `parts` and not run again now, so parts run one at a time, or in two
+  processes at once, add up to one report. {} when there is none or the config differs."""
+  if not path.exists():
+    return {}
+  old = json.loads(path.read_text())
+  same = lambda c: {k: v for k, v in c.items() if k != 'parts'}
+  if same(old.get('config', {})) != same(config):
+    common.log(f'{path}: written with another config; its results are not kept')
+    return {}
+  kept = {p: old[p] for p in PARTS if p in old and p not in parts}
+  timing = {p: t for p, t in old.get('timing', {}).items() if p in kept}
+  return dict(kept, **({'timing': timing} if timing else {}))
+
+
 def timed(results: dict, part: str, fn, *args):
   """Runs fn(*args), storing its wall and process CPU seconds under results['timing']."""
   wall, cpu = time.perf_counter(), time.process_time()
@@ -344,6 +361,7 @@ def run(config, workdir) -> dict:
     raise common.UserError(f'vocab_size: {e}') from None
   tokenizer.save(root / checkpoint_lib.TOKENIZER_FILE)
   results = dict(config=config)
+  results.update(earlier_results(root / 'limitations.json', config, parts))
   models = {}
 
   def world():

@@ -168,8 +168,8 @@ def report(results: dict) -> str:
   lines = ['# Limitations, measured', '']
   c = results.get('config', {})
   if c:
-    lines += [f'preset `{c.get("preset")}`, seed {c.get("seed")}, parts `{c.get("parts")}`',
-              '']
+    done = ','.join(p for p in PART_ORDER if p in results)
+    lines += [f'preset `{c.get("preset")}`, seed {c.get("seed")}, parts `{done}`', '']
   for section in (hallucination_section, bias_section, think_section, tokenizer_section,
                   timing_section):
     lines += section(results)

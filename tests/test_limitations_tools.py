@@ -45,7 +45,9 @@ def test_search_conversation_answers_from_the_result():
 def test_letters_and_decimals_have_known_answers():
   assert lt.count_letter('strawberry', 'r') == 3 and lt.count_letter('strawberry', 'z') == 0
   assert lt.larger('9.11', '9.9') == '9.9' and lt.larger('9.9', '9.11') == '9.9'
-  assert lt.larger('3.45', '3.4') == '3.45'
+  assert lt.larger('3.45', '3.4') == '3.45' and lt.larger('9.95', '10.2') == '10.2'
+  assert lt.larger_by_digits('9.11', '9.9') == '9.11' != lt.larger('9.11', '9.9')
+  assert lt.larger_by_digits('9.95', '10.2') == '10.2'
   pairs = lt.decimal_pairs(200, seed=0)
   assert pairs == lt.decimal_pairs(200, seed=0) and len(set(pairs)) == 200
   # The trap: the two-decimal numeral ("11") is the smaller number in a fair share.
@@ -79,6 +81,16 @@ def test_the_python_tool_prints_the_gold_answer():
     assert direct[-1]['content'] == f'{lt.gold(task, item)}.' and len(direct) == 2
   with pytest.raises(ValueError, match='task'):
     lt.question('spell', ('a', 'b'))
+
+
+def test_after_tools_splits_at_the_last_result_block():
+  import types  # pylint: disable=g-import-not-at-top
+  from research.limitations_probes import EOT, after_tools  # pylint: disable=g-import-not-at-top
+  gen = types.SimpleNamespace(
+      tokens=[[50, 51, 60, 61, 62, 70, 71, EOT], [80, 81, EOT]],
+      sampled=[np.array([1, 1, 0, 0, 0, 1, 1, 1], bool), np.array([1, 1, 1], bool)])
+  assert after_tools(gen, 0) == ([50, 51, 60, 61, 62], [70, 71])
+  assert after_tools(gen, 1) == ([], [80, 81])  # no call: the context is the prompt
 
 
 def test_closed_sentence_reward_is_blind_to_the_word():
@@ -176,3 +188,21 @@ def test_the_whole_study_runs_at_its_test_size(tmp_path):
   assert text == limitations_report.write(tmp_path)
   for part in limitations.PARTS:
     assert f'| {part} |' in text
+
+
+def test_parts_run_apart_add_up_in_one_results_file(tmp_path):
+  from configs import limitations as config_lib  # pylint: disable=g-import-not-at-top
+  from experiments import limitations  # pylint: disable=g-import-not-at-top
+  config = config_lib.get_config('test').to_dict()
+  path = tmp_path / 'limitations.json'
+  assert limitations.earlier_results(path, config, ['think']) == {}
+  earlier = dict(config=dict(config, parts='hallucination,bias'), hallucination={'x': 1},
+                 bias={'y': 2}, timing={'hallucination': {'wall_s': 5.0, 'cpu_s': 4.0},
+                                        'bias': {'wall_s': 3.0, 'cpu_s': 2.0}})
+  path.write_text(json.dumps(earlier))
+  # Parts run now replace theirs; the others are kept with their timing.
+  kept = limitations.earlier_results(path, dict(config, parts='bias,think'), ['bias', 'think'])
+  assert kept == dict(hallucination={'x': 1},
+                      timing={'hallucination': {'wall_s': 5.0, 'cpu_s': 4.0}})
+  # Another config (here the seed): nothing is kept.
+  assert limitations.earlier_results(path, dict(config, seed=1), ['think']) == {}
