@@ -26,6 +26,7 @@ Writes WORKDIR/limitations.json and report.md (experiments/limitations_report.py
 rebuilds it from the json) with each part's wall and CPU time; each arm's run folder is
 resumable. Metric code: research/limitations.py, research/limitations_tools.py.
 """
+import fcntl
 import json
 import pathlib
 import random
@@ -305,7 +306,7 @@ def tokenizer_view(config, root, tokenizer, seed: int) -> dict:
 
 def earlier_results(path, config: dict, parts) -> dict:
   """The parts (and their timing) of an earlier run in the same workdir with the same
-  config up to `parts` and not run again now, so parts run one at a time, or in two
+  config up to `parts` and not run again now, so parts run one at a time, or in
   processes at once, add up to one report. {} when there is none or the config differs."""
   if not path.exists():
     return {}
@@ -317,6 +318,21 @@ def earlier_results(path, config: dict, parts) -> dict:
   kept = {p: old[p] for p in PARTS if p in old and p not in parts}
   timing = {p: t for p, t in old.get('timing', {}).items() if p in kept}
   return dict(kept, **({'timing': timing} if timing else {}))
+
+
+def save_results(root: pathlib.Path, results: dict, parts) -> dict:
+  """Merges this process's finished parts into WORKDIR/limitations.json (under a file
+  lock, so processes running other parts in the same workdir do not lose each other's
+  results) and rebuilds report.md from it; returns the merged results."""
+  with open(root / 'limitations.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    merged = dict(config=results['config'])
+    merged.update(earlier_results(root / 'limitations.json', results['config'], parts))
+    merged.update({k: v for k, v in results.items() if k in PARTS})
+    merged['timing'] = dict(merged.get('timing', {}), **results.get('timing', {}))
+    checkpoint_lib.write_json_atomic(root / 'limitations.json', merged)
+    report_lib.write(root)
+  return merged
 
 
 def timed(results: dict, part: str, fn, *args):
@@ -361,7 +377,6 @@ def run(config, workdir) -> dict:
     raise common.UserError(f'vocab_size: {e}') from None
   tokenizer.save(root / checkpoint_lib.TOKENIZER_FILE)
   results = dict(config=config)
-  results.update(earlier_results(root / 'limitations.json', config, parts))
   models = {}
 
   def world():
@@ -372,22 +387,24 @@ def run(config, workdir) -> dict:
   if 'hallucination' in parts:
     results['hallucination'], models['world'], models['sft'] = timed(
         results, 'hallucination', hallucination, config, root, tokenizer, base_texts, split)
+    save_results(root, results, parts)
   if 'search' in parts:
     results['search'], models['search'] = timed(
         results, 'search', search_mitigation, config, root, tokenizer, base_texts, split,
         world())
+    save_results(root, results, parts)
   if 'bias' in parts:
     results['bias'] = timed(results, 'bias', bias_stages, config, root, tokenizer, base_texts,
                             split, world, models, bias_counts)
+    save_results(root, results, parts)
   if 'think' in parts:
     results['think'] = timed(results, 'think', think, config, root, tokenizer, train_chains,
                              test_chains)
+    save_results(root, results, parts)
   if 'tokenizer' in parts:
     results['tokenizer'] = timed(results, 'tokenizer', tokenizer_view, config, root,
                                  tokenizer, seed)
-  checkpoint_lib.write_json_atomic(root / 'limitations.json', results)
-  report_lib.write(root)
-  return results
+  return save_results(root, results, parts)
 
 
 def bias_stages(config, root, tokenizer, base_texts, split, world, models, train_counts):
