@@ -206,3 +206,19 @@ def test_parts_run_apart_add_up_in_one_results_file(tmp_path):
                       timing={'hallucination': {'wall_s': 5.0, 'cpu_s': 4.0}})
   # Another config (here the seed): nothing is kept.
   assert limitations.earlier_results(path, dict(config, seed=1), ['think']) == {}
+
+
+def test_processes_running_other_parts_keep_each_others_results(tmp_path):
+  from experiments import limitations  # pylint: disable=g-import-not-at-top
+  full = _results()
+  config = full['config']
+  first = dict(config=config, think=full['think'], timing={'think': {'wall_s': 7.0, 'cpu_s': 6.0}})
+  second = dict(config=config, bias=full['bias'], timing={'bias': {'wall_s': 2.0, 'cpu_s': 1.0}})
+  limitations.save_results(tmp_path, first, ['think'])
+  merged = limitations.save_results(tmp_path, second, ['bias', 'hallucination'])
+  saved = json.loads((tmp_path / 'limitations.json').read_text())
+  assert saved == merged and saved['think'] == full['think'] and saved['bias'] == full['bias']
+  assert saved['timing'] == {'think': {'wall_s': 7.0, 'cpu_s': 6.0},
+                             'bias': {'wall_s': 2.0, 'cpu_s': 1.0}}
+  text = (tmp_path / 'report.md').read_text()
+  assert '## Tokens to think' in text and '## Bias amplification' in text
