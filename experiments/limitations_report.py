@@ -121,6 +121,10 @@ def think_section(results) -> list[str]:
                   '![think](think.png)', '']
 
 
+def baseline(task: str, r: dict) -> str:
+  return '0.500 (chance)' if task == 'compare' else f'{_f(r["majority_baseline"])} (majority)'
+
+
 def tokenizer_section(results) -> list[str]:
   v = results.get('tokenizer')
   if not v:
@@ -133,14 +137,20 @@ def tokenizer_section(results) -> list[str]:
            'Token splits (our tokenizer):', '']
   for w, pieces in {**v['splits'], **v['splits_in_question']}.items():
     lines.append(f'- `{w}` → ' + ' · '.join(f'`{p}`' for p in pieces))
-  lines += ['', '| task | direct | with python tool | calls (tool prompt) | majority answer '
+  lines += ['', '| task | direct | with python tool | calls (tool prompt) | baseline '
             '| digits-as-integers rule |', '|---|---|---|---|---|---|']
   for task, r in v['by_task'].items():
     d, t = r['direct'], r['tool']
     cell = lambda m: f'{_f(m["accuracy"])} [{_f(m["ci"][0])}, {_f(m["ci"][1])}] (n={m["n"]})'
     lines.append(f'| {task} | {cell(d)} | {cell(t)} | {t["calls"]}/{t["n"]} | '
-                 f'{_f(r["majority_baseline"])} | {_f(r.get("string_rule_baseline"))} |')
-  lines += ['', 'Examples:', '']
+                 f'{baseline(task, r)} | {_f(r.get("string_rule_baseline"))} |')
+  lines += ['', 'Baseline: count, always the commonest training answer; compare, a coin '
+            '(one of two numerals). Digits-as-integers rule: the accuracy of reading the '
+            'digits after the point as an integer (9.11 > 9.9), the trap a tokenizer that '
+            'cuts "11" and "9" invites. Counting is copying plus counting letters the '
+            'tokenizer mostly keeps as single pieces here (vocabulary 512); the tool only '
+            'helps when the model copies the word into the code exactly.', '',
+            'Examples:', '']
   for task, r in v['by_task'].items():
     for mode in ('direct', 'tool'):
       for e in r[mode]['examples'][:1]:
