@@ -147,9 +147,10 @@ def tokenizer_section(results) -> list[str]:
   lines += ['', 'Baseline: count, always the commonest training answer; compare, a coin '
             '(one of two numerals). Digits-as-integers rule: the accuracy of reading the '
             'digits after the point as an integer (9.11 > 9.9), the trap a tokenizer that '
-            'cuts "11" and "9" invites. Counting is copying plus counting letters the '
-            'tokenizer mostly keeps as single pieces here (vocabulary 512); the tool only '
-            'helps when the model copies the word into the code exactly.', '',
+            'cuts "11" as one piece invites (ours cuts every digit apart, see the splits '
+            'above, so here the tokens do not force it). Counting is copying plus counting '
+            'letters the tokenizer mostly keeps as single pieces here (vocabulary 512); '
+            'the tool only helps when the model copies the word into the code exactly.', '',
             'Examples:', '']
   for task, r in v['by_task'].items():
     for mode in ('direct', 'tool'):
