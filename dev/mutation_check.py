@@ -413,6 +413,23 @@ MUTATIONS = [
              "  if (path / 'checkpoints').is_dir() and not (path / 'config.json').exists():",
              "  if False:",
              ('tests/test_bad_inputs.py', '-k', 'checkpoints_without'), 'bad_input'),
+    # --- limitations study: tool parts ----------------------------------------------------
+    Mutation('world_search_no_exact_name', 'research/limitations_tools.py',
+             "if search_lib.words(h.title) == wanted]", "]",
+             ('tests/test_limitations_tools.py', '-k', 'world_search'), 'limitations'),
+    Mutation('reward_counts_padding', 'research/limitations_tools.py',
+             "stopped = jnp.any((jnp.asarray(response_BxN) == stop_id) & valid, axis=1)",
+             "stopped = jnp.any(jnp.asarray(response_BxN) == stop_id, axis=1)",
+             ('tests/test_limitations_tools.py', '-k', 'reward'), 'limitations'),
+    Mutation('decimals_compared_as_strings', 'research/limitations_tools.py',
+             "return a if float(a) > float(b) else b", "return a if a > b else b",
+             ('tests/test_limitations_tools.py', '-k', 'decimals'), 'limitations'),
+    Mutation('after_tools_keeps_end_of_turn', 'research/limitations_probes.py',
+             "[t for t in tokens[cut:] if t != EOT]", "tokens[cut:]",
+             ('tests/test_limitations_tools.py', '-k', 'after_tools'), 'limitations'),
+    Mutation('report_drops_timing', 'experiments/limitations_report.py',
+             "                  timing_section):", "                  ):",
+             ('tests/test_limitations_tools.py', '-k', 'report'), 'limitations'),
 ]
 
 

@@ -10,34 +10,48 @@ Parts (config.parts):
                  Llama 3 mitigation: probe known and unknown-probe people, add "I don't
                  know" Q&A for every question answered wrong, fine-tune, and measure again
                  on the known people and an unknown-test third neither stage saw.
+  search         mitigation 2: the world model fine-tuned to call a search tool over the
+                 known people's facts and answer from its result (experiments/
+                 limitations_probes.py), measured the same way.
   bias           roles tied to groups at 70/30 in the same model's training text; the
                  role rates of its samples (T = 1), greedy answers and its probabilities,
-                 with Zhao et al. (2017)'s amplification.
+                 with Zhao et al. (2017)'s amplification, after pretraining, SFT (the "I
+                 don't know" fine-tune; the search fine-tune too when it ran) and RL (a
+                 short GRPO run from the SFT model, reward blind to the role).
   think          k-step arithmetic (k = 1..4), two models from scratch, one answer-first
                  and one steps-first, same chains and steps; greedy accuracy by k.
-Writes WORKDIR/limitations.json and report.md; each arm's run folder is resumable.
-Metric code: research/limitations.py.
+  tokenizer      letter counting and "9.11 or 9.9" with the token splits, answered
+                 directly and with the python tool, by one model trained on both.
+Writes WORKDIR/limitations.json and report.md (experiments/limitations_report.py, which
+rebuilds it from the json) with each part's wall and CPU time; each arm's run folder is
+resumable. Metric code: research/limitations.py, research/limitations_tools.py.
 """
+import fcntl
 import json
 import pathlib
 import random
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from configs import pretrain as pretrain_config
 from experiments import common
+from experiments import limitations_report as report_lib
 from experiments import loop as loop_lib
+from research import chat as chat_lib
 from research import checkpoint as checkpoint_lib
 from research import data as data_lib
 from research import evaluation
 from research import limitations as lim
+from research import limitations_probes as probes
+from research import limitations_tools as lt
 from research import lm_eval_model
 from research import model as model_lib
 from research import objectives as objectives_lib
 from research import tokenizer as tokenizer_lib
 
-PARTS = ('hallucination', 'bias', 'think')
+PARTS = ('hallucination', 'search', 'bias', 'think', 'tokenizer')
 
 
 def lm_config(config: dict, vocab_size: int, steps: int) -> dict:
@@ -56,20 +70,24 @@ def lm_config(config: dict, vocab_size: int, steps: int) -> dict:
 
 
 def train_arm(workdir, texts, tokenizer, config: dict, steps: int, init_params=None):
-  """Trains (or resumes) a causal LM on `texts` in `workdir` -> a ResearchLM of it."""
+  """Trains (or resumes) a causal LM on `texts` (strings, or token-id lists such as
+  rendered chat conversations) in `workdir` -> a ResearchLM of it."""
   workdir = pathlib.Path(workdir)
   cfg = lm_config(config, tokenizer.vocab_size, steps)
   saved = checkpoint_lib.load_config(workdir)
   if saved is not None:
     checkpoint_lib.check_same_model(saved, cfg, workdir)
-  docs = [data_lib.Document(t) for t in texts]
-  random.Random(config['seed']).shuffle(docs)
-  seq_len = cfg['data']['seq_len']
+  items = list(texts)
+  random.Random(config['seed']).shuffle(items)
+  strings = [i for i, t in enumerate(items) if isinstance(t, str)]
+  ids = [list(t) if not isinstance(t, str) else None for t in items]
+  for i, encoded in zip(strings, tokenizer.encode_batch([items[i] for i in strings], -1)):
+    ids[i] = encoded
+  seq_len, eos = cfg['data']['seq_len'], tokenizer.eos_id
   setup = loop_lib.LMSetup(
       config=cfg, model_cfg=model_lib.TransformerConfig.from_dict(cfg['model']),
-      tokenizer=tokenizer, train_rows=data_lib.pack_documents(tokenizer, docs, seq_len),
-      validation_rows=data_lib.pack_documents(tokenizer, docs[:max(len(docs) // 20, 1)],
-                                              seq_len))
+      tokenizer=tokenizer, train_rows=data_lib.pack_token_lists(ids, seq_len, eos),
+      validation_rows=data_lib.pack_token_lists(ids[:max(len(ids) // 20, 1)], seq_len, eos))
   loop_lib.train_language_model(setup, workdir, objectives_lib.get_objective('causal'),
                                 common.make_mesh((1, 1, 1)), fresh_config=saved is None,
                                 init_params=init_params)
@@ -127,41 +145,49 @@ def scored(pr: dict, hc: dict) -> dict:
   return m
 
 
-def hallucination(config, root, tokenizer, base_texts, people_split):
+def idk_examples(lm, split, known_before=None) -> list[str]:
+  """Llama 3: probe, find what the model gets wrong, teach "I don't know" for those
+  (known people answered wrong, and the unknown-probe people, whatever was answered)."""
+  if known_before is None:
+    known_before = probe(lm, split[0], True)
+  probed = merge(known_before, probe(lm, split[1], False))
+  pred = probed['probs'].argmax(axis=1)
+  wrong = np.where(probed['known'], pred != probed['gold'], True)
+  common.log(f'mitigation: {int(wrong.sum())} "I don\'t know" examples for {wrong.size} '
+             'probed questions answered wrong')
+  return [lim.qa_text(p, a, lim.IDK) for (p, a), w in zip(probed['questions'], wrong) if w]
+
+
+def hallucination(config, root, tokenizer, base_texts, split):
+  """Mitigation 1 before/after -> (results, world model, "I don't know" SFT model)."""
   hc = config['hallucination']
-  known, unknown_probe, unknown_test = people_split
+  known, unknown_probe, unknown_test = split
   lm = train_arm(root / 'world', base_texts, tokenizer, config, hc['steps'])
   known_before = probe(lm, known, True)
   test_before = merge(known_before, probe(lm, unknown_test, False))
-  # Llama 3: probe, find what the model gets wrong, teach "I don't know" for those
-  # (known people answered wrong, and the unknown-probe people, whatever was answered).
-  probed = merge(known_before, probe(lm, unknown_probe, False))
-  pred = probed['probs'].argmax(axis=1)
-  wrong = np.where(probed['known'], pred != probed['gold'], True)
-  idk = [lim.qa_text(p, a, lim.IDK) for (p, a), w in zip(probed['questions'], wrong) if w]
-  common.log(f'mitigation: {len(idk)} "I don\'t know" examples for {wrong.size} probed '
-             'questions answered wrong')
+  idk = idk_examples(lm, split, known_before)
   tuned = train_arm(root / 'world_idk', base_texts + idk * hc['repeats'], tokenizer, config,
                     hc['finetune_steps'],
                     init_params=jax.tree.map(jnp.copy, lm.params))  # training donates
   test_after = merge(probe(tuned, known, True), probe(tuned, unknown_test, False))
   return dict(before=scored(test_before, hc), after=scored(test_after, hc),
-              idk_examples=len(idk), probed_questions=int(wrong.size),
+              idk_examples=len(idk), probed_questions=3 * (len(known) + len(unknown_probe)),
               people=dict(known=len(known), unknown_probe=len(unknown_probe),
-                          unknown_test=len(unknown_test))), lm
+                          unknown_test=len(unknown_test))), lm, tuned
 
 
 # -- bias -------------------------------------------------------------------------------------
 
 
 def bias(config, lm, train_counts) -> dict:
+  """Role counts of `lm`'s completions of the bias probes (sampled at T = 1, greedy) and
+  its expected counts (option probabilities), each with Zhao et al.'s amplification."""
   bc = config['bias']
   rng = random.Random(config['seed'] + 1)
   names = [f'{a}{b}' for a in ('Zan', 'Yor', 'Xel', 'Wim', 'Vok') for b in ('a', 'u', 'ix')]
   probes = [(rng.choice(names), g) for g in range(len(lim.GROUPS)) for _ in range(bc['probes'])]
   prompts = [lim.bias_prompt(n, lim.GROUPS[g]) for n, g in probes]
-  out = dict(train_counts=train_counts.tolist(),
-             train_bias=lim.bias_scores(train_counts).tolist())
+  out = {}
   for label, temperature in (('sampled', 1.0), ('greedy', 0.0)):
     counts = np.zeros_like(train_counts)
     texts = lm.generate_texts(prompts, until=['.'], max_gen_toks=6, temperature=temperature)
@@ -231,56 +257,93 @@ def think(config, root, tokenizer, train, test) -> dict:
   return out
 
 
-# -- report -----------------------------------------------------------------------------------
+# -- hallucination mitigation 2: search --------------------------------------------------------
 
 
-def _f(x):
-  return '—' if x is None or not np.isfinite(x) else f'{x:.3f}'
+def search_mitigation(config, root, tokenizer, base_texts, split, lm):
+  """Fine-tunes the world model `lm` on search conversations (known people: the answer
+  read from the result; unknown-probe people: "no results" -> "I don't know") mixed
+  with its pretraining texts; measured on known and unknown-test people like
+  mitigation 1. Returns (results, the tuned ResearchLM)."""
+  hc = config['hallucination']
+  known, unknown_probe, unknown_test = split
+  tools, search = probes.search_tools(known)
+  convs = [lt.search_conversation(p, a, search(p.name))
+           for p in known + unknown_probe for a in lim.ATTRIBUTES]
+  ids = [chat_lib.render(tokenizer, c).ids.tolist() for c in convs]
+  tuned = train_arm(root / 'world_search', base_texts + ids * hc['repeats'], tokenizer, config,
+                    hc['finetune_steps'], init_params=jax.tree.map(jnp.copy, lm.params))
+  known_pr = probes.search_probe(tuned, tools, known, True)
+  unknown_pr = probes.search_probe(tuned, tools, unknown_test, False)
+  out = scored(merge(known_pr, unknown_pr), hc)
+  out.update(known_call_rate=float(np.mean(known_pr['calls'] > 0)),
+             unknown_call_rate=float(np.mean(unknown_pr['calls'] > 0)),
+             call_ok_rate=float(np.mean(np.concatenate([known_pr['call_ok'],
+                                                        unknown_pr['call_ok']]))),
+             conversations=len(convs),
+             examples=[tokenizer.decode(ids[0]), tokenizer.decode(ids[-1])])
+  return out, tuned
 
 
-def _ci(m, key):
-  lo, hi = m[key + '_ci']
-  return f'{_f(m[key])} [{_f(lo)}, {_f(hi)}]'
+# -- the tokenizer view -----------------------------------------------------------------------
 
 
-def report(results: dict) -> str:
-  lines = ['# Limitations, measured', '']
-  h = results.get('hallucination')
-  if h:
-    lines += ['## Hallucination (synthetic world; 95% Wilson intervals)', '',
-              f'people: {h["people"]}; mitigation added {h["idk_examples"]} "I don\'t know" '
-              f'examples for the {h["probed_questions"]} probed questions answered wrong.', '',
-              '| model | known acc | known IDK | unknown IDK | unknown made-up | '
-              'unknown confident made-up | ECE |', '|---|---|---|---|---|---|---|']
-    for stage in ('before', 'after'):
-      m = h[stage]
-      lines.append(f'| {stage} mitigation | {_ci(m, "known_accuracy")} | {_ci(m, "known_idk")} '
-                   f'| {_ci(m, "unknown_idk")} | {_ci(m, "unknown_made_up")} | '
-                   f'{_ci(m, "unknown_confident_made_up")} | {_f(m["ece"])} |')
-    lines += ['', f'(known = {h["before"]["known"]} questions, unknown = '
-              f'{h["before"]["unknown"]}; chance on a known question ≈ 1/9–1/17)', '']
-  b = results.get('bias')
-  if b:
-    lines += ['## Bias amplification (Zhao et al. 2017)', '',
-              f'training bias b*(role, group) {np.round(b["train_bias"], 3).tolist()} '
-              f'(roles {lim.ROLES} × groups {lim.GROUPS})', '',
-              '| decoding | counts (role × group) | valid | amplification |', '|---|---|---|---|']
-    for label in ('sampled', 'greedy'):
-      lines.append(f'| {label} | {b[label]["counts"]} | {b[label]["valid"]}/{b[label]["total"]}'
-                   f' | {_f(b[label]["amplification"])} |')
-    lines += [f'| probabilities | {np.round(b["probability"]["counts"], 1).tolist()} | — | '
-              f'{_f(b["probability"]["amplification"])} |', '']
-  t = results.get('think')
-  if t:
-    lines += ['## Tokens to think: accuracy by steps k (95% Wilson intervals)', '',
-              '| format | train tokens | ' + ' | '.join(f'k={k}' for k in t['steps_first']['by_k'])
-              + ' |', '|---|---|' + '---|' * len(t['steps_first']['by_k'])]
-    for fmt in lim.FORMATS:
-      cells = [f'{_f(v["accuracy"])} [{_f(v["ci"][0])}, {_f(v["ci"][1])}]'
-               for v in t[fmt]['by_k'].values()]
-      lines.append(f'| {fmt} | {t[fmt]["train_tokens"]} | ' + ' | '.join(cells) + ' |')
-    lines += ['', *[f'- {fmt} sample: `{t[fmt]["example"]}`' for fmt in lim.FORMATS], '']
-  return '\n'.join(lines)
+def tokenizer_view(config, root, tokenizer, seed: int) -> dict:
+  """Trains one model on letter counting and decimal comparison, each item asked
+  directly and with the python tool; its accuracy by task and mode, and token splits."""
+  train, test = lt.tokenizer_items(config, seed)
+  ids = [chat_lib.render(tokenizer, lt.tokenizer_conversation(t, i, w)).ids.tolist()
+         for t, i in train for w in (False, True)]
+  lm = train_arm(root / 'tokenizer_view', ids, tokenizer, config,
+                 config['tokenizer_view']['steps'])
+  shown = ['strawberry'] + [i[0] for t, i in test if t == 'count'][:4:2] + ['9.11', '9.9']
+  return dict(train_items=len(train), test_items=len(test),
+              by_task=probes.tool_answers(lm, train, test),
+              splits={w: lt.token_splits(tokenizer, f' {w}') for w in shown},
+              splits_in_question={q: lt.token_splits(tokenizer, q) for q in (
+                  lt.letter_question('strawberry', 'r'), lt.compare_question('9.11', '9.9'))})
+
+
+def earlier_results(path, config: dict, parts) -> dict:
+  """The parts (and their timing) of an earlier run in the same workdir with the same
+  config up to `parts` and not run again now, so parts run one at a time, or in
+  processes at once, add up to one report. {} when there is none or the config differs."""
+  if not path.exists():
+    return {}
+  old = json.loads(path.read_text())
+  same = lambda c: {k: v for k, v in c.items() if k != 'parts'}
+  if same(old.get('config', {})) != same(config):
+    common.log(f'{path}: written with another config; its results are not kept')
+    return {}
+  kept = {p: old[p] for p in PARTS if p in old and p not in parts}
+  timing = {p: t for p, t in old.get('timing', {}).items() if p in kept}
+  return dict(kept, **({'timing': timing} if timing else {}))
+
+
+def save_results(root: pathlib.Path, results: dict, parts) -> dict:
+  """Merges this process's finished parts into WORKDIR/limitations.json (under a file
+  lock, so processes running other parts in the same workdir do not lose each other's
+  results) and rebuilds report.md from it; returns the merged results."""
+  with open(root / 'limitations.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    merged = dict(config=results['config'])
+    merged.update(earlier_results(root / 'limitations.json', results['config'], parts))
+    merged.update({k: v for k, v in results.items() if k in PARTS})
+    merged['timing'] = dict(merged.get('timing', {}), **results.get('timing', {}))
+    checkpoint_lib.write_json_atomic(root / 'limitations.json', merged)
+    report_lib.write(root)
+  return merged
+
+
+def timed(results: dict, part: str, fn, *args):
+  """Runs fn(*args), storing its wall and process CPU seconds under results['timing']."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  out = fn(*args)
+  results.setdefault('timing', {})[part] = dict(wall_s=time.perf_counter() - wall,
+                                                cpu_s=time.process_time() - cpu)
+  common.log(f'{part}: {results["timing"][part]["wall_s"]:.0f} s wall, '
+             f'{results["timing"][part]["cpu_s"]:.0f} s CPU')
+  return out
 
 
 def run(config, workdir) -> dict:
@@ -301,35 +364,75 @@ def run(config, workdir) -> dict:
   train_chains, test_chains = chains(config)
   chain_texts = [lim.chain_text(c, f) for c in train_chains for f in lim.FORMATS]
   idk_texts = [lim.qa_text(p, a, lim.IDK) for p in split[1][:3] for a in lim.ATTRIBUTES]
+  tool_texts = [t for p in split[0][:20] + split[1][:5] for a in lim.ATTRIBUTES
+                for t in (lt.QUESTION_TEXT[a].format(name=p.name), lt.fact_documents([p])[0][1])]
+  tool_texts += lt.tokenizer_texts(lt.tokenizer_items(config, seed)[0])
   root.mkdir(parents=True, exist_ok=True)
   try:
     tokenizer, _ = tokenizer_lib.load_or_train(
-        (root / checkpoint_lib.TOKENIZER_FILE,), lambda: base_texts + idk_texts + chain_texts,
-        config['vocab_size'], seed=seed)
+        (root / checkpoint_lib.TOKENIZER_FILE,),
+        lambda: base_texts + idk_texts + chain_texts + tool_texts, config['vocab_size'],
+        seed=seed)
   except tokenizer_lib.TextError as e:  # not the vocabulary's fault
     raise common.UserError(str(e)) from None
   except ValueError as e:
     raise common.UserError(f'vocab_size: {e}') from None
   tokenizer.save(root / checkpoint_lib.TOKENIZER_FILE)
   results = dict(config=config)
-  lm = None
+  models = {}
+
+  def world():
+    if 'world' not in models:
+      models['world'] = train_arm(root / 'world', base_texts, tokenizer, config, hc['steps'])
+    return models['world']
+
   if 'hallucination' in parts:
-    results['hallucination'], lm = hallucination(config, root, tokenizer, base_texts, split)
+    results['hallucination'], models['world'], models['sft'] = timed(
+        results, 'hallucination', hallucination, config, root, tokenizer, base_texts, split)
+    save_results(root, results, parts)
+  if 'search' in parts:
+    results['search'], models['search'] = timed(
+        results, 'search', search_mitigation, config, root, tokenizer, base_texts, split,
+        world())
+    save_results(root, results, parts)
   if 'bias' in parts:
-    if lm is None:
-      lm = train_arm(root / 'world', base_texts, tokenizer, config, hc['steps'])
-    results['bias'] = bias(config, lm, bias_counts)
+    results['bias'] = timed(results, 'bias', bias_stages, config, root, tokenizer, base_texts,
+                            split, world, models, bias_counts)
+    save_results(root, results, parts)
   if 'think' in parts:
-    results['think'] = think(config, root, tokenizer, train_chains, test_chains)
-  checkpoint_lib.write_json_atomic(root / 'limitations.json', results)
-  (root / 'report.md').write_text(report(results))
-  return results
+    results['think'] = timed(results, 'think', think, config, root, tokenizer, train_chains,
+                             test_chains)
+    save_results(root, results, parts)
+  if 'tokenizer' in parts:
+    results['tokenizer'] = timed(results, 'tokenizer', tokenizer_view, config, root,
+                                 tokenizer, seed)
+  return save_results(root, results, parts)
+
+
+def bias_stages(config, root, tokenizer, base_texts, split, world, models, train_counts):
+  """Bias of the pretrained model, the SFT ("I don't know") model, the search SFT model
+  when the search part ran, and the GRPO model trained from the SFT model."""
+  if 'sft' not in models:
+    models['sft'] = train_arm(root / 'world_idk', base_texts + idk_examples(world(), split)
+                              * config['hallucination']['repeats'], tokenizer, config,
+                              config['hallucination']['finetune_steps'],
+                              init_params=jax.tree.map(jnp.copy, world().params))
+  rl_lm, history = probes.rl_bias(config, models['sft'], config['seed'])
+  stages = {'pretrain': world(), 'sft': models['sft'], 'rl': rl_lm}
+  if 'search' in models:
+    stages['search_sft'] = models['search']
+  out = {name: bias(config, lm, train_counts) for name, lm in stages.items()}
+  out['rl_history'] = history
+  out['train_counts'] = train_counts.tolist()
+  out['train_bias'] = lim.bias_scores(train_counts).tolist()
+  return out
 
 
 def main(config, workdir):
   results = run(config, workdir)
-  common.log('\n' + report(results))
-  common.log(f'wrote {pathlib.Path(workdir) / "report.md"} and limitations.json')
+  common.log('\n' + (pathlib.Path(workdir) / 'report.md').read_text())
+  common.log(f'wrote {pathlib.Path(workdir) / "report.md"} and limitations.json '
+             f'({sum(t["wall_s"] for t in results.get("timing", {}).values()):.0f} s)')
 
 
 if __name__ == '__main__':

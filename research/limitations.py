@@ -157,13 +157,18 @@ GROUPS = ('Arvi', 'Belo')
 ROLES = ('farmer', 'sailor')
 
 
+def bias_names() -> list[str]:
+  """The first names the bias texts draw from (probes use other, unseen names)."""
+  return [f'{a}{b}' for a in _FIRST for b in _SECOND]
+
+
 def bias_sentences(num: int, rate: float, seed: int) -> tuple[list[str], np.ndarray]:
   """`num` two-sentence texts 'X is one of the <group>. X is a <role>.': group uniform,
   role ROLES[0] with probability `rate` for GROUPS[0] and 1 - rate for GROUPS[1].
 
   Returns (texts, counts R×G: how often each role occurs with each group)."""
   rng = random.Random(seed)
-  names = [f'{a}{b}' for a in _FIRST for b in _SECOND]
+  names = bias_names()
   counts = np.zeros((len(ROLES), len(GROUPS)), np.int64)
   texts = []
   for _ in range(num):
