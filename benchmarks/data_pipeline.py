@@ -39,27 +39,44 @@ from experiments import common
 from research import data
 from research import tokenizer as tokenizer_lib
 
-_CORPUS = flags.DEFINE_string("corpus", "sotu", "'sotu' or a corpus path.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Per-host batch size.", lower_bound=1)
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Packed row length.", lower_bound=1)
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", 500, "Batches timed per setting.", lower_bound=1)
-_COMPARE_PRESET = flags.DEFINE_string(
-    "compare_preset", "tiny", "Preset whose train step tokens/s is printed beside "
-    "the pipeline's (empty: skip).")
-_VOCAB_SIZES = flags.DEFINE_list("vocab_sizes", ["8192", "4096"],
-                                 "Tokenizers to train; the last one packs.")
-_SYNTHETIC_GB = flags.DEFINE_list("synthetic_gb", ["0.1", "0.4"],
-                                  "Synthetic corpus sizes (GB) for the shards section "
-                                  "(empty: skip it).")
-_BENCH_DIR = flags.DEFINE_string("bench_dir", "/tmp/data_pipeline_bench",
-                                 "Where synthetic corpora and shards are written.")
-_STREAM_BATCHES = flags.DEFINE_integer("stream_batches", 20000,
-                                       "Batches a data-path run reads (16 x 256 each).",
-                                       lower_bound=1)
-_STREAM_FROM = flags.DEFINE_string("stream_from", "", "Internal: run only a training "
-                                   "data path over these shards and print JSON.")
-_SHARDS_PRESET = flags.DEFINE_string("shards_preset", "small", "Preset whose train step "
-                                     "the streaming rate is held against (and vocab).")
+_CORPUS = None
+_BATCH_SIZE = None
+_SEQ_LEN = None
+_NUM_BATCHES = None
+_COMPARE_PRESET = None
+_VOCAB_SIZES = None
+_SYNTHETIC_GB = None
+_BENCH_DIR = None
+_STREAM_BATCHES = None
+_STREAM_FROM = None
+_SHARDS_PRESET = None
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when this module runs as a program, so tests and
+  other modules import its functions without absl flag-name clashes."""
+  global _CORPUS, _BATCH_SIZE, _SEQ_LEN, _NUM_BATCHES, _COMPARE_PRESET, _VOCAB_SIZES, _SYNTHETIC_GB, _BENCH_DIR, _STREAM_BATCHES, _STREAM_FROM, _SHARDS_PRESET
+  _CORPUS = flags.DEFINE_string("corpus", "sotu", "'sotu' or a corpus path.")
+  _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Per-host batch size.", lower_bound=1)
+  _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Packed row length.", lower_bound=1)
+  _NUM_BATCHES = flags.DEFINE_integer("num_batches", 500, "Batches timed per setting.", lower_bound=1)
+  _COMPARE_PRESET = flags.DEFINE_string(
+      "compare_preset", "tiny", "Preset whose train step tokens/s is printed beside "
+      "the pipeline's (empty: skip).")
+  _VOCAB_SIZES = flags.DEFINE_list("vocab_sizes", ["8192", "4096"],
+                                   "Tokenizers to train; the last one packs.")
+  _SYNTHETIC_GB = flags.DEFINE_list("synthetic_gb", ["0.1", "0.4"],
+                                    "Synthetic corpus sizes (GB) for the shards section "
+                                    "(empty: skip it).")
+  _BENCH_DIR = flags.DEFINE_string("bench_dir", "/tmp/data_pipeline_bench",
+                                   "Where synthetic corpora and shards are written.")
+  _STREAM_BATCHES = flags.DEFINE_integer("stream_batches", 20000,
+                                         "Batches a data-path run reads (16 x 256 each).",
+                                         lower_bound=1)
+  _STREAM_FROM = flags.DEFINE_string("stream_from", "", "Internal: run only a training "
+                                     "data path over these shards and print JSON.")
+  _SHARDS_PRESET = flags.DEFINE_string("shards_preset", "small", "Preset whose train step "
+                                       "the streaming rate is held against (and vocab).")
 
 # (name, read options): ours first, grain's library defaults last.
 READ_OPTIONS = (
@@ -317,4 +334,5 @@ def train_step_tokens_per_second(preset: str, steps: int = 3) -> float:
 
 
 if __name__ == "__main__":
+  define_flags()
   common.run_main(main)

@@ -42,16 +42,28 @@ from research import reward_model
 from research import sampling
 from research import sharding
 
-_CONFIG = flags.DEFINE_string('config', 'default', 'configs/rlhf.py preset (its PPO shapes).')
-_PRESET = flags.DEFINE_string('preset', 'tiny', 'configs/pretrain.py preset (the model).')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs of each program.', lower_bound=1)
-_DECODE_BATCH = flags.DEFINE_integer('decode_batch', 8, 'Rows of the sampling-benchmark decode.',
-                                     lower_bound=1)
-_DECODE_TOKENS = flags.DEFINE_integer('decode_tokens', 256, 'New tokens of that decode.',
-                                      lower_bound=1)
-_MESH = flags.DEFINE_string('mesh', '', "'' : plain jax.jit (no mesh); 'D,F,T': the iteration "
-                            'compiled on a (data, fsdp, tensor) mesh as experiments.rlhf runs it '
-                            '(ppo.jit_on_mesh; 1,1,1 is the one-device stage path)')
+_CONFIG = None
+_PRESET = None
+_REPEATS = None
+_DECODE_BATCH = None
+_DECODE_TOKENS = None
+_MESH = None
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when this module runs as a program, so tests and
+  other modules import its functions without absl flag-name clashes."""
+  global _CONFIG, _PRESET, _REPEATS, _DECODE_BATCH, _DECODE_TOKENS, _MESH
+  _CONFIG = flags.DEFINE_string('config', 'default', 'configs/rlhf.py preset (its PPO shapes).')
+  _PRESET = flags.DEFINE_string('preset', 'tiny', 'configs/pretrain.py preset (the model).')
+  _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs of each program.', lower_bound=1)
+  _DECODE_BATCH = flags.DEFINE_integer('decode_batch', 8, 'Rows of the sampling-benchmark decode.',
+                                       lower_bound=1)
+  _DECODE_TOKENS = flags.DEFINE_integer('decode_tokens', 256, 'New tokens of that decode.',
+                                        lower_bound=1)
+  _MESH = flags.DEFINE_string('mesh', '', "'' : plain jax.jit (no mesh); 'D,F,T': the iteration "
+                              'compiled on a (data, fsdp, tensor) mesh as experiments.rlhf runs it '
+                              '(ppo.jit_on_mesh; 1,1,1 is the one-device stage path)')
 
 
 def _params(cfg, seed=0):
@@ -200,4 +212,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   common.run_main(main)

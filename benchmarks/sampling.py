@@ -23,15 +23,28 @@ from experiments import common
 from research import model as model_lib
 from research import sampling
 
-_PRESET = flags.DEFINE_string('preset', 'small', 'configs/pretrain.py preset.')
-_BATCH = flags.DEFINE_integer('batch', 8, 'Prompts decoded together.', lower_bound=1)
-_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 16, 'Longest prompt; others are shorter.',
-                                   lower_bound=1)
-_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 256, 'Tokens generated per prompt.', lower_bound=1)
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs of the cached decoder.', lower_bound=1)
-_DTYPE = flags.DEFINE_enum('compute_dtype', '', ['', 'float32', 'bfloat16'],
-                          'Override model.compute_dtype.')
-_UNCACHED = flags.DEFINE_bool('uncached', True, 'Also time the uncached reference (slow).')
+_PRESET = None
+_BATCH = None
+_PROMPT_LEN = None
+_NEW_TOKENS = None
+_REPEATS = None
+_DTYPE = None
+_UNCACHED = None
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when this module runs as a program, so tests and
+  other modules import its functions without absl flag-name clashes."""
+  global _PRESET, _BATCH, _PROMPT_LEN, _NEW_TOKENS, _REPEATS, _DTYPE, _UNCACHED
+  _PRESET = flags.DEFINE_string('preset', 'small', 'configs/pretrain.py preset.')
+  _BATCH = flags.DEFINE_integer('batch', 8, 'Prompts decoded together.', lower_bound=1)
+  _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 16, 'Longest prompt; others are shorter.',
+                                     lower_bound=1)
+  _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 256, 'Tokens generated per prompt.', lower_bound=1)
+  _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs of the cached decoder.', lower_bound=1)
+  _DTYPE = flags.DEFINE_enum('compute_dtype', '', ['', 'float32', 'bfloat16'],
+                            'Override model.compute_dtype.')
+  _UNCACHED = flags.DEFINE_bool('uncached', True, 'Also time the uncached reference (slow).')
 
 
 def _timed(fn, *args, **kwargs):
@@ -100,4 +113,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   common.run_main(main)

@@ -21,9 +21,18 @@ from research import objectives
 from research import sharding
 from research import train_step as train_lib
 
-_PRESET = flags.DEFINE_string('preset', 'cpu', 'configs/scaling.py preset.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per shape (median reported).', lower_bound=1)
-_OVERHEAD = flags.DEFINE_float('overhead_s', 20.0, 'Seconds per run besides its steps.')
+_PRESET = None
+_STEPS = None
+_OVERHEAD = None
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when this module runs as a program, so tests and
+  other modules import its functions without absl flag-name clashes."""
+  global _PRESET, _STEPS, _OVERHEAD
+  _PRESET = flags.DEFINE_string('preset', 'cpu', 'configs/scaling.py preset.')
+  _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per shape (median reported).', lower_bound=1)
+  _OVERHEAD = flags.DEFINE_float('overhead_s', 20.0, 'Seconds per run besides its steps.')
 
 
 def step_seconds(config, model_cfg, repeats):
@@ -81,4 +90,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   common.run_main(main)

@@ -33,12 +33,23 @@ from research.tools import registry
 from research.tools import runtime
 from research.tools import search as search_lib
 
-_PRESET = flags.DEFINE_string('preset', 'small', 'configs/pretrain.py preset.')
-_CONTEXT = flags.DEFINE_integer('context', 1000, 'Tokens in the cache when the call returns.',
-                                lower_bound=1)
-_RESULT = flags.DEFINE_integer('result', 50, 'Tokens of the tool result.', lower_bound=1)
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs of each path.', lower_bound=1)
-_CALLS = flags.DEFINE_integer('calls', 50, 'Timed calls per tool.', lower_bound=1)
+_PRESET = None
+_CONTEXT = None
+_RESULT = None
+_REPEATS = None
+_CALLS = None
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when this module runs as a program, so tests and
+  other modules import its functions without absl flag-name clashes."""
+  global _PRESET, _CONTEXT, _RESULT, _REPEATS, _CALLS
+  _PRESET = flags.DEFINE_string('preset', 'small', 'configs/pretrain.py preset.')
+  _CONTEXT = flags.DEFINE_integer('context', 1000, 'Tokens in the cache when the call returns.',
+                                  lower_bound=1)
+  _RESULT = flags.DEFINE_integer('result', 50, 'Tokens of the tool result.', lower_bound=1)
+  _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs of each path.', lower_bound=1)
+  _CALLS = flags.DEFINE_integer('calls', 50, 'Timed calls per tool.', lower_bound=1)
 
 
 def _median(fn, repeats):
@@ -152,4 +163,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   common.run_main(main)

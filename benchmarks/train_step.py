@@ -24,16 +24,28 @@ from research import objectives
 from research import sharding
 from research import train_step as train_lib
 
-_PRESET = flags.DEFINE_string('preset', 'small', 'configs/pretrain.py preset.')
-_OBJECTIVE = flags.DEFINE_string('objective', 'causal', 'Objective name.')
-_DTYPE = flags.DEFINE_enum('compute_dtype', '', ['', 'float32', 'bfloat16'],
-                          'Override model.compute_dtype.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (median reported).', lower_bound=1)
-_COMPILE_LAYERS = flags.DEFINE_list('compile_layers', ['4', '24'],
-                                    'Depths whose compile time is compared (empty: skip).')
-_OVERRIDE = flags.DEFINE_list('override', [],
-                              'Config overrides KEY=VALUE (as --config.KEY=VALUE of the '
-                              'experiments), e.g. a shrunken preset for a smoke run.')
+_PRESET = None
+_OBJECTIVE = None
+_DTYPE = None
+_STEPS = None
+_COMPILE_LAYERS = None
+_OVERRIDE = None
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when this module runs as a program, so tests and
+  other modules import its functions without absl flag-name clashes."""
+  global _PRESET, _OBJECTIVE, _DTYPE, _STEPS, _COMPILE_LAYERS, _OVERRIDE
+  _PRESET = flags.DEFINE_string('preset', 'small', 'configs/pretrain.py preset.')
+  _OBJECTIVE = flags.DEFINE_string('objective', 'causal', 'Objective name.')
+  _DTYPE = flags.DEFINE_enum('compute_dtype', '', ['', 'float32', 'bfloat16'],
+                            'Override model.compute_dtype.')
+  _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (median reported).', lower_bound=1)
+  _COMPILE_LAYERS = flags.DEFINE_list('compile_layers', ['4', '24'],
+                                      'Depths whose compile time is compared (empty: skip).')
+  _OVERRIDE = flags.DEFINE_list('override', [],
+                                'Config overrides KEY=VALUE (as --config.KEY=VALUE of the '
+                                'experiments), e.g. a shrunken preset for a smoke run.')
 
 IDS = None
 
@@ -118,4 +130,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   common.run_main(main)

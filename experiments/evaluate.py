@@ -35,18 +35,34 @@ from research import evaluation  # pylint: disable=g-import-not-at-top
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / 'evals' / 'tasks'
 
-_WORKDIR = flags.DEFINE_multi_string('workdir', [], 'A finished run (repeat or comma-separate).')
-_TASKS = flags.DEFINE_list('tasks', ['piqa_local'], 'Task names or tags.')
-_LIMIT = flags.DEFINE_integer('limit', 0, 'Items per task (0: all).')
-_FEWSHOT = flags.DEFINE_integer('num_fewshot', -1, 'Few-shot examples (-1: the task default).')
-_BATCH = flags.DEFINE_integer('batch_size', 16, 'Rows per forward pass.')
-_CHAT = flags.DEFINE_enum('chat', 'auto', ['auto', 'yes', 'no'],
-                          'Apply the chat template (auto: for stages with an init).')
-_INCLUDE = flags.DEFINE_multi_string('include_path', [], 'More folders of task YAML files.')
-_DEFAULTS = flags.DEFINE_bool('include_defaults', False,
-                              "Also index lm_eval's built-in tasks (they need the network).")
-_OUT = flags.DEFINE_string('out_dir', 'runs/eval', 'Folder for the tables.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Few-shot sampling and generation seed.')
+_WORKDIR = None
+_TASKS = None
+_LIMIT = None
+_FEWSHOT = None
+_BATCH = None
+_CHAT = None
+_INCLUDE = None
+_DEFAULTS = None
+_OUT = None
+_SEED = None
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when this module runs as a program, so tests and
+  other modules import its functions without absl flag-name clashes."""
+  global _WORKDIR, _TASKS, _LIMIT, _FEWSHOT, _BATCH, _CHAT, _INCLUDE, _DEFAULTS, _OUT, _SEED
+  _WORKDIR = flags.DEFINE_multi_string('workdir', [], 'A finished run (repeat or comma-separate).')
+  _TASKS = flags.DEFINE_list('tasks', ['piqa_local'], 'Task names or tags.')
+  _LIMIT = flags.DEFINE_integer('limit', 0, 'Items per task (0: all).')
+  _FEWSHOT = flags.DEFINE_integer('num_fewshot', -1, 'Few-shot examples (-1: the task default).')
+  _BATCH = flags.DEFINE_integer('batch_size', 16, 'Rows per forward pass.')
+  _CHAT = flags.DEFINE_enum('chat', 'auto', ['auto', 'yes', 'no'],
+                            'Apply the chat template (auto: for stages with an init).')
+  _INCLUDE = flags.DEFINE_multi_string('include_path', [], 'More folders of task YAML files.')
+  _DEFAULTS = flags.DEFINE_bool('include_defaults', False,
+                                "Also index lm_eval's built-in tasks (they need the network).")
+  _OUT = flags.DEFINE_string('out_dir', 'runs/eval', 'Folder for the tables.')
+  _SEED = flags.DEFINE_integer('seed', 0, 'Few-shot sampling and generation seed.')
 
 
 def check_workdir(workdir) -> pathlib.Path:
@@ -219,4 +235,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   common.run_main(main)

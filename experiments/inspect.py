@@ -21,10 +21,20 @@ from research import checkpoint as checkpoint_lib  # pylint: disable=g-import-no
 from research import interpret  # pylint: disable=g-import-not-at-top
 from research import model as model_lib  # pylint: disable=g-import-not-at-top
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A finished run.')
-_PROMPT = flags.DEFINE_string('prompt', None, 'The text to inspect.')
-_OUT = flags.DEFINE_string('out', '', 'Output folder (default: WORKDIR/inspect).')
-_MAX_TOKENS = flags.DEFINE_integer('max_tokens', 32, 'Keep the last this many tokens.')
+_WORKDIR = None
+_PROMPT = None
+_OUT = None
+_MAX_TOKENS = None
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when this module runs as a program, so tests and
+  other modules import its functions without absl flag-name clashes."""
+  global _WORKDIR, _PROMPT, _OUT, _MAX_TOKENS
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'A finished run.')
+  _PROMPT = flags.DEFINE_string('prompt', None, 'The text to inspect.')
+  _OUT = flags.DEFINE_string('out', '', 'Output folder (default: WORKDIR/inspect).')
+  _MAX_TOKENS = flags.DEFINE_integer('max_tokens', 32, 'Keep the last this many tokens.')
 
 
 def _label(tokenizer, i):
@@ -96,4 +106,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   common.run_main(main)

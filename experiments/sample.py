@@ -31,16 +31,31 @@ from research import objectives as objectives_lib
 from research import sampling
 from research import tokenizer as tokenizer_lib
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A pretraining run folder.')
-_PROMPT = flags.DEFINE_multi_string('prompt', [], 'Text to continue (repeat for a batch).')
-_FILL = flags.DEFINE_multi_string('fill', [], 'Text with <mask> tokens to fill (repeatable).')
-_FILL_MODE = flags.DEFINE_enum('fill_mode', 'iterative', ['iterative', 'one_pass'],
-                               'Fill the most confident mask first, or all at once.')
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Tokens generated per prompt.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
-_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0: all).')
-_TOP_P = flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling mass (1: off).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_WORKDIR = None
+_PROMPT = None
+_FILL = None
+_FILL_MODE = None
+_MAX_NEW = None
+_TEMPERATURE = None
+_TOP_K = None
+_TOP_P = None
+_SEED = None
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when this module runs as a program, so tests and
+  other modules import its functions without absl flag-name clashes."""
+  global _WORKDIR, _PROMPT, _FILL, _FILL_MODE, _MAX_NEW, _TEMPERATURE, _TOP_K, _TOP_P, _SEED
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'A pretraining run folder.')
+  _PROMPT = flags.DEFINE_multi_string('prompt', [], 'Text to continue (repeat for a batch).')
+  _FILL = flags.DEFINE_multi_string('fill', [], 'Text with <mask> tokens to fill (repeatable).')
+  _FILL_MODE = flags.DEFINE_enum('fill_mode', 'iterative', ['iterative', 'one_pass'],
+                                 'Fill the most confident mask first, or all at once.')
+  _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Tokens generated per prompt.')
+  _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
+  _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0: all).')
+  _TOP_P = flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling mass (1: off).')
+  _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 
 class UserError(Exception):
   """Printed as one line."""
@@ -176,5 +191,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   from experiments import common  # pylint: disable=g-import-not-at-top
   common.run_main(main)  # (a bad flag: one line, exit 2)

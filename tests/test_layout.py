@@ -1,11 +1,15 @@
 """The layout rules of experiments/, checked on the source: a stage never reaches into
 another stage, reports are rebuilt from files, and stage files stay short."""
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
-EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / 'experiments'
 # Modules every experiment may use: the edges (flags, errors, logging) and the loop.
 SHARED = {'common', 'loop'}
 # Those that run other stages (the whole pipeline and the studies): only they may
@@ -94,3 +98,18 @@ def test_layout_check_catches_each_kind(tmp_path, source, expected):
   modules['newstage'] = tmp_path / 'newstage.py'
   found = layout_violations(modules)
   assert any(expected in p and 'newstage' in p for p in found), found
+
+
+def test_every_entry_point_imports_into_one_process():
+  """Tests and other modules import entry points side by side: absl flags defined at
+  import time by two of them under one name (e.g. --workdir in sample and evaluate) raise
+  DuplicateFlagError in whichever test imports the second. Flags of programs are defined
+  in their `__main__` (or via run_experiment), never at import."""
+  modules = sorted(f'{pkg}.{p.stem}' for pkg in ('experiments', 'benchmarks')
+                   for p in (REPO / pkg).glob('*.py') if p.stem != '__init__')
+  code = ('import importlib, sys\n'
+          f'for m in {modules!r}:\n'
+          '  importlib.import_module(m)\n')
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert out.returncode == 0, out.stderr.strip().splitlines()[-1:]
