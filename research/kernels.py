@@ -45,10 +45,21 @@ numbers in the benchmark's output and the commit message):
   over score-sized arrays (memory bound, ~13 GB/s) are kept few: blocks, no stored
   probabilities, one mask select per block.
 * On an AVX512-BF16 EPYC (no AMX; 2026-11-30): 2-D bf16 x bf16 -> f32 dots run on
-  YNNPACK in bf16, but XLA:CPU upcasts *batched* bf16 dots (the attention's) to float32
-  whatever their layout (a materialised row-major operand did not help), so there the
-  attention runs at float32 speed in either mode while dense and the LM head gain.  A
-  bf16 dot that XLA rewrites after that upcast decision is not upcast and fails at run
+  YNNPACK in bf16.  A *batched* bf16 dot stays bf16 only if YNNPACK can take it (XLA's
+  OperandUpcaster / FloatNormalization ask IsDotSupportedByYnn, before layout
+  assignment): the left operand contracts its minor axis and every operand has a
+  row-major layout.  Otherwise XLA upcasts it to a float32 dot, silently.  Two things
+  broke that for the keys x queries kernel: a `jnp.moveaxis` in front of the dot is
+  folded back into its dimension numbers, and a jnp transpose reaches XLA as a layout
+  change (e.g. {3,1,2,0}, a free bitcast) that elementwise ops and optimization barriers
+  keep, so even a "materialised" transpose behind a barrier was upcast.  With native
+  bf16 dots on XLA:CPU the blocked attention therefore runs in queries x keys
+  orientation (`_qk_fwd_core` / `_qk_bwd_core`), where 5 of its 7 dots need no
+  transpose and the other two (dK, dV) get a row-major copy from `_row_major`
+  (reshape -> barrier -> reshape).  All of its dots are then bf16 on YNNPACK; fwd+bwd
+  at the bench shapes went from 240 ms (18 of 24 dots upcast, as slow as float32) to
+  80 ms (same process, medians, heavily loaded host).  A bf16 dot that XLA rewrites
+  after that upcast decision is not upcast and fails at run
   time ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"): the LM
   head's dW transpose, folded into its dot when there is one chunk, did that until an
   optimization barrier kept them apart (see `_head_forward`).
@@ -299,16 +310,13 @@ def _block_ranges(t, block_q):
 # operand.  XLA:CPU hands such dots to Eigen, which runs these small (64-256 row) batched
 # matmuls on both cores at ~0.6 of a large dot; the row-major forms go to YNNPACK, one
 # core, ~0.25-0.45 (measured side by side; `python -m benchmarks.kernels`).  Narrow
-# dtypes in native mode must stay on YNNPACK (Eigen has no bf16 x bf16 -> f32 dot), so
-# there `_bdot` moves the contracting axis last first.
+# dtypes in native mode on XLA:CPU must stay on YNNPACK (XLA upcasts any other batched
+# bf16 dot to float32): they take the queries x keys kernel below (`_queries_by_keys`).
 _BATCH = ((0, 1), (0, 1))
 
 
 def _bdot(a, b, a_contract, b_contract):
   """dot_general over batch axes (0, 1) with float32 accumulation."""
-  if a.dtype != F32 and jax.default_backend() == "cpu":
-    a = jnp.moveaxis(a, a_contract, -1)
-    a_contract = a.ndim - 1
   return lax.dot_general(a, b, (((a_contract,), (b_contract,)), _BATCH),
                          preferred_element_type=F32)
 
@@ -418,13 +426,11 @@ def _blocked_bwd_core(qt, kt, k_t, vt, seg, prefix, lse, delta, do, g, block_q,
 
 # Native narrow-dtype dots on XLA:CPU: "queries x keys" orientation.  XLA:CPU runs a
 # bf16 x bf16 -> f32 batched dot in bf16 only on YNNPACK, which takes dots whose left
-# operand contracts its minor axis; any other batched bf16 dot is upcast to float32
-# (convert + Eigen f32 dot), and so is one whose operand transpose XLA folds into the
-# dot's dimension numbers before it decides (`jnp.moveaxis` in front of the dot is not
-# enough).  In this orientation the scores are (B, K, q, L), so four of the five dots of
-# a block need no transpose at all; the two that contract the query axis (dK, dV) take
-# the bf16 probabilities / score gradients transposed, materialised behind an
-# optimization barrier so that XLA cannot fold the transpose back into the dot.
+# operand contracts its minor axis and whose operands are row-major; any other batched
+# bf16 dot is upcast to float32 (see the module notes).  In this orientation the scores
+# are (B, K, q, L): the forward's two dots and the backward's scores, dP and dQ need no
+# transpose; the two that contract the query axis (dK, dV) take the bf16 probabilities /
+# score gradients transposed, as row-major copies (`_row_major`).
 
 
 def _qk_dot(a, b, a_contract, b_contract):
@@ -605,8 +611,9 @@ def attention(q, k, v, segment_ids, prefix, *, compute_dtype=F32, impl="auto",
   its key range (no running max across key blocks), small enough that its
   (B, K, L, block_q*G) scores stay cheap, big enough for efficient batched matmuls.  The
   G = N/K query heads of a kv head are folded into the matmul columns, so GQA reads each
-  kv head once.  Scores are laid out keys x queries so that every batched dot goes to
-  XLA:CPU's two-core Eigen path (see the module notes).  A custom VJP stores only the
+  kv head once.  Float32 scores are laid out keys x queries so that every batched dot
+  goes to XLA:CPU's two-core Eigen path; with native bf16 dots on XLA:CPU they are laid
+  out queries x keys so that every dot stays bf16 on YNNPACK (see the module notes).  A custom VJP stores only the
   log-sum-exp per query and recomputes the probabilities block by block in the backward
   pass (5 matmuls per block instead of autodiff's 4 plus saved N x T x T probabilities
   and masks).
