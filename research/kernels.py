@@ -366,8 +366,8 @@ def _sum_key_blocks(pieces, t, block_q, axis=-1):
   """
   out = []
   for ks, ke in _block_ranges(t, block_q):
-    out.append(sum(lax.slice_in_dim(p, ks, ke, axis=axis) for p in pieces
-                   if p.shape[axis] >= ke))
+    keys = (Ellipsis, slice(ks, ke)) if axis == -1 else (slice(None),) * axis + (slice(ks, ke),)
+    out.append(sum(p[keys] for p in pieces if p.shape[axis] >= ke))
   return jnp.concatenate(out, axis=axis) if len(out) > 1 else out[0]
 
 
@@ -561,13 +561,14 @@ def _attention_blocked_bwd(block_q, compute_dtype, res, g):
     dq, dk, dv = _qk_bwd_core(qt, keys, vt, seg, prefix, lse, delta,
                               _row_major(_operand(do, compute_dtype)), tg // t, block_q,
                               compute_dtype)
-    dk, dv = dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
+    to_btkh = (0, 2, 1, 3)  # dk, dv: (B, K, T, H)
   else:
-    dq, dk_t, dv_t = _blocked_bwd_core(qt, jnp.swapaxes(keys, 2, 3), keys, vt, seg, prefix,
-                                       lse, delta, _operand(do, compute_dtype), tg // t,
-                                       block_q, compute_dtype)
-    dk, dv = dk_t.transpose(0, 3, 1, 2), dv_t.transpose(0, 3, 1, 2)
+    dq, dk, dv = _blocked_bwd_core(qt, jnp.swapaxes(keys, 2, 3), keys, vt, seg, prefix,
+                                   lse, delta, _operand(do, compute_dtype), tg // t,
+                                   block_q, compute_dtype)
+    to_btkh = (0, 3, 1, 2)  # dk, dv: (B, K, H, T)
   dq = _from_blocked_layout(dq, t) * (1.0 / math.sqrt(h))
+  dk, dv = dk.transpose(to_btkh), dv.transpose(to_btkh)
   return (dq.astype(qdt.dtype), dk.astype(kdt.dtype), dv.astype(vdt.dtype), None, None)
 
 
