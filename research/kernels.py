@@ -614,10 +614,10 @@ def attention(q, k, v, segment_ids, prefix, *, compute_dtype=F32, impl="auto",
   G = N/K query heads of a kv head are folded into the matmul columns, so GQA reads each
   kv head once.  Float32 scores are laid out keys x queries so that every batched dot
   goes to XLA:CPU's two-core Eigen path; with native bf16 dots on XLA:CPU they are laid
-  out queries x keys so that every dot stays bf16 on YNNPACK (see the module notes).  A custom VJP stores only the
-  log-sum-exp per query and recomputes the probabilities block by block in the backward
-  pass (5 matmuls per block instead of autodiff's 4 plus saved N x T x T probabilities
-  and masks).
+  out queries x keys so that every dot stays bf16 on YNNPACK (see the module notes).  A
+  custom VJP stores only the log-sum-exp per query and recomputes the probabilities
+  block by block in the backward pass (5 matmuls per block instead of autodiff's 4 plus
+  saved N x T x T probabilities and masks).
   """
   if impl not in ("auto", "blocked", "reference"):
     raise ValueError(f"unknown attention impl {impl!r}")
