@@ -45,10 +45,21 @@ numbers in the benchmark's output and the commit message):
   over score-sized arrays (memory bound, ~13 GB/s) are kept few: blocks, no stored
   probabilities, one mask select per block.
 * On an AVX512-BF16 EPYC (no AMX; 2026-11-30): 2-D bf16 x bf16 -> f32 dots run on
-  YNNPACK in bf16, but XLA:CPU upcasts *batched* bf16 dots (the attention's) to float32
-  whatever their layout (a materialised row-major operand did not help), so there the
-  attention runs at float32 speed in either mode while dense and the LM head gain.  A
-  bf16 dot that XLA rewrites after that upcast decision is not upcast and fails at run
+  YNNPACK in bf16.  A *batched* bf16 dot stays bf16 only if YNNPACK can take it (XLA's
+  OperandUpcaster / FloatNormalization ask IsDotSupportedByYnn, before layout
+  assignment): the left operand contracts its minor axis and every operand has a
+  row-major layout.  Otherwise XLA upcasts it to a float32 dot, silently.  Two things
+  broke that for the keys x queries kernel: a `jnp.moveaxis` in front of the dot is
+  folded back into its dimension numbers, and a jnp transpose reaches XLA as a layout
+  change (e.g. {3,1,2,0}, a free bitcast) that elementwise ops and optimization barriers
+  keep, so even a "materialised" transpose behind a barrier was upcast.  With native
+  bf16 dots on XLA:CPU the blocked attention therefore runs in queries x keys
+  orientation (`_qk_fwd_core` / `_qk_bwd_core`), where 5 of its 7 dots need no
+  transpose and the other two (dK, dV) get a row-major copy from `_row_major`
+  (reshape -> barrier -> reshape).  All of its dots are then bf16 on YNNPACK; fwd+bwd
+  at the bench shapes went from 240 ms (18 of 24 dots upcast, as slow as float32) to
+  80 ms (same process, medians, heavily loaded host).  A bf16 dot that XLA rewrites
+  after that upcast decision is not upcast and fails at run
   time ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"): the LM
   head's dW transpose, folded into its dot when there is one chunk, did that until an
   optimization barrier kept them apart (see `_head_forward`).
@@ -299,16 +310,13 @@ def _block_ranges(t, block_q):
 # operand.  XLA:CPU hands such dots to Eigen, which runs these small (64-256 row) batched
 # matmuls on both cores at ~0.6 of a large dot; the row-major forms go to YNNPACK, one
 # core, ~0.25-0.45 (measured side by side; `python -m benchmarks.kernels`).  Narrow
-# dtypes in native mode must stay on YNNPACK (Eigen has no bf16 x bf16 -> f32 dot), so
-# there `_bdot` moves the contracting axis last first.
+# dtypes in native mode on XLA:CPU must stay on YNNPACK (XLA upcasts any other batched
+# bf16 dot to float32): they take the queries x keys kernel below (`_queries_by_keys`).
 _BATCH = ((0, 1), (0, 1))
 
 
 def _bdot(a, b, a_contract, b_contract):
   """dot_general over batch axes (0, 1) with float32 accumulation."""
-  if a.dtype != F32 and jax.default_backend() == "cpu":
-    a = jnp.moveaxis(a, a_contract, -1)
-    a_contract = a.ndim - 1
   return lax.dot_general(a, b, (((a_contract,), (b_contract,)), _BATCH),
                          preferred_element_type=F32)
 
@@ -325,6 +333,17 @@ def _block_mask_t(seg, prefix, qs, qe, kl, g):
   return jnp.broadcast_to(mask, (b, 1, kl, qe - qs, g)).reshape(b, 1, kl, (qe - qs) * g)
 
 
+def _block_mask_qk(seg, prefix, qs, qe, kl, g):
+  """`_block_mask_t` transposed: (B, 1, (qe-qs)*g, kl), queries x keys."""
+  kpos = jnp.arange(kl)[None, :]
+  qpos = jnp.arange(qs, qe)[:, None]
+  same = seg[:, qs:qe, None] == seg[:, None, :kl]
+  visible = (kpos <= qpos)[None] | prefix[:, None, :kl]
+  mask = (same & visible)[:, None, :, None, :]
+  b = seg.shape[0]
+  return jnp.broadcast_to(mask, (b, 1, qe - qs, g, kl)).reshape(b, 1, (qe - qs) * g, kl)
+
+
 def _blocked(t, block_q, prefix, block_fn, combine):
   """combine([block_fn(qs, qe, kl) for each query block [qs, qe)]), kl = the keys it needs.
 
@@ -338,16 +357,18 @@ def _blocked(t, block_q, prefix, block_fn, combine):
   return lax.cond(jnp.any(prefix), lambda: run(False), lambda: run(True))
 
 
-def _sum_key_blocks(pieces, t, block_q):
-  """Sum of per-query-block gradients (B, K, H, kl_i) over keys 0..t -> (B, K, H, t).
+def _sum_key_blocks(pieces, t, block_q, axis=-1):
+  """Sum of per-query-block gradients (B, K, H, kl_i) over keys 0..t -> (B, K, H, t)
+  (keys on `axis`; the default is the last).
 
   Key block [ks, ke) gets the pieces that cover it; the result is one concatenation
   (no zero-padding of each piece to t, which cost a full copy per piece).
   """
   out = []
   for ks, ke in _block_ranges(t, block_q):
-    out.append(sum(p[..., ks:ke] for p in pieces if p.shape[-1] >= ke))
-  return jnp.concatenate(out, axis=-1) if len(out) > 1 else out[0]
+    keys = (Ellipsis, slice(ks, ke)) if axis == -1 else (slice(None),) * axis + (slice(ks, ke),)
+    out.append(sum(p[keys] for p in pieces if p.shape[axis] >= ke))
+  return jnp.concatenate(out, axis=axis) if len(out) > 1 else out[0]
 
 
 def _blocked_fwd_core(qt, k_t, vt, seg, prefix, g, block_q, compute_dtype):
@@ -403,15 +424,103 @@ def _blocked_bwd_core(qt, kt, k_t, vt, seg, prefix, lse, delta, do, g, block_q,
   return _blocked(t, block_q, prefix, block, combine)
 
 
-def _to_blocked_layout(q, k, v, compute_dtype):
-  """(B,T,N,H), (B,T,K,H) x2 -> qt (B,K,T*G,H) scaled, k_t (B,K,H,T), vt (B,K,T,H)."""
+# Native narrow-dtype dots on XLA:CPU: "queries x keys" orientation.  XLA:CPU runs a
+# bf16 x bf16 -> f32 batched dot in bf16 only on YNNPACK, which takes dots whose left
+# operand contracts its minor axis and whose operands are row-major; any other batched
+# bf16 dot is upcast to float32 (see the module notes).  In this orientation the scores
+# are (B, K, q, L): the forward's two dots and the backward's scores, dP and dQ need no
+# transpose; the two that contract the query axis (dK, dV) take the bf16 probabilities /
+# score gradients transposed, as row-major copies (`_row_major`).
+
+
+def _qk_dot(a, b, a_contract, b_contract):
+  """Batched (axes 0, 1) dot, float32 accumulation; for `_qk` operands (see above)."""
+  return lax.dot_general(a, b, (((a_contract,), (b_contract,)), _BATCH),
+                         preferred_element_type=F32)
+
+
+def _row_major(x):
+  """x (B, K, ...) with a row-major layout, for a narrow-dtype dot operand (see above).
+
+  jnp transposes come out of XLA's front end as layout changes (free bitcasts), and
+  elementwise ops and barriers keep that layout; a batched bf16 dot with such an operand
+  is upcast.  Flattening all but the leading axis cannot be a bitcast of a transposed
+  layout, so it makes XLA write a row-major copy; the barrier keeps the reshape pair
+  from being simplified away.  On an operand that is already row-major it costs nothing.
+  """
+  return lax.optimization_barrier(x.reshape(x.shape[0], -1)).reshape(x.shape)
+
+
+def _materialised_t(x, compute_dtype):
+  """`_operand(x)` (B, K, q, L) transposed to a row-major (B, K, L, q) copy."""
+  return _row_major(jnp.swapaxes(_operand(x, compute_dtype), 2, 3))
+
+
+def _qk_fwd_core(qt, kt, vt, seg, prefix, g, block_q, compute_dtype):
+  """`_blocked_fwd_core` in queries x keys orientation: kt is (B, K, T, H), not k_t."""
+  t = vt.shape[2]
+
+  def block(qs, qe, kl):
+    s = _qk_dot(qt[:, :, qs * g:qe * g], kt[:, :, :kl], 3, 3)        # (B, K, q, kl)
+    s = jnp.where(_block_mask_qk(seg, prefix, qs, qe, kl, g), s, _MASK_VALUE)
+    m = jnp.max(s, axis=3, keepdims=True)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=3, keepdims=True)
+    o = _qk_dot(_operand(p, compute_dtype), vt[:, :, :kl], 3, 2)     # (B, K, q, H)
+    return o / l, (m + jnp.log(l))[..., 0]
+
+  combine = lambda outs: (jnp.concatenate([o for o, _ in outs], axis=2),
+                          jnp.concatenate([lse for _, lse in outs], axis=2))
+  return _blocked(t, block_q, prefix, block, combine)
+
+
+def _qk_bwd_core(qt, kt, vt, seg, prefix, lse, delta, do, g, block_q, compute_dtype):
+  """`_blocked_bwd_core` in queries x keys orientation.
+
+  Returns dq (B, K, T*G, H) (w.r.t. the scaled queries), dk and dv (B, K, T, H), f32.
+  """
+  t = vt.shape[2]
+
+  def block(qs, qe, kl):
+    rows = slice(qs * g, qe * g)
+    qi, doi = qt[:, :, rows], do[:, :, rows]
+    kb, vb = kt[:, :, :kl], vt[:, :, :kl]
+    s = _qk_dot(qi, kb, 3, 3)                                        # (B, K, q, kl)
+    p = jnp.where(_block_mask_qk(seg, prefix, qs, qe, kl, g),
+                  jnp.exp(s - lse[:, :, rows, None]), 0.0)
+    dp = _qk_dot(doi, vb, 3, 3)                                      # (B, K, q, kl)
+    ds = p * (dp - delta[:, :, rows, None])
+    dqi = _qk_dot(_operand(ds, compute_dtype), kb, 3, 2)             # (B, K, q, H)
+    dv = _qk_dot(_materialised_t(p, compute_dtype), doi, 3, 2)       # (B, K, kl, H)
+    dk = _qk_dot(_materialised_t(ds, compute_dtype), qi, 3, 2)       # (B, K, kl, H)
+    return dqi, dk, dv
+
+  combine = lambda outs: (jnp.concatenate([o[0] for o in outs], axis=2),
+                          _sum_key_blocks([o[1] for o in outs], t, block_q, axis=2),
+                          _sum_key_blocks([o[2] for o in outs], t, block_q, axis=2))
+  return _blocked(t, block_q, prefix, block, combine)
+
+
+def _queries_by_keys(compute_dtype) -> bool:
+  """True if the blocked attention runs in queries x keys orientation (`_qk_*`): narrow
+  compute dtypes with native bf16 dots on XLA:CPU.  Otherwise keys x queries (float32
+  dots, which XLA:CPU gives Eigen on both cores), also on GPU/TPU."""
+  return (jnp.dtype(compute_dtype) != F32 and bf16_dots_native()
+          and jax.default_backend() == "cpu")
+
+
+def _to_blocked_layout(q, k, v, compute_dtype, qk):
+  """(B,T,N,H), (B,T,K,H) x2 -> qt (B,K,T*G,H) scaled, keys, vt (B,K,T,H); keys are
+  k_t (B,K,H,T), or kt (B,K,T,H) if qk (queries x keys orientation)."""
   b, t, n, h = q.shape
   kh = k.shape[2]
   qt = _operand(q.astype(F32) * (1.0 / math.sqrt(h)), compute_dtype)
   qt = qt.reshape(b, t, kh, n // kh, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * (n // kh), h)
-  k_t = _operand(k, compute_dtype).transpose(0, 2, 3, 1)
+  keys = _operand(k, compute_dtype).transpose((0, 2, 1, 3) if qk else (0, 2, 3, 1))
   vt = _operand(v, compute_dtype).transpose(0, 2, 1, 3)
-  return qt, k_t, vt
+  if qk:
+    qt, keys, vt = _row_major(qt), _row_major(keys), _row_major(vt)
+  return qt, keys, vt
 
 
 def _from_blocked_layout(o, t):
@@ -421,34 +530,45 @@ def _from_blocked_layout(o, t):
   return o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, kh * g, h)
 
 
+def _fwd_core(qt, keys, vt, seg, prefix, g, block_q, compute_dtype):
+  core = _qk_fwd_core if _queries_by_keys(compute_dtype) else _blocked_fwd_core
+  return core(qt, keys, vt, seg, prefix, g, block_q, compute_dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _attention_blocked(q, k, v, seg, prefix, block_q, compute_dtype):
-  qt, k_t, vt = _to_blocked_layout(q, k, v, compute_dtype)
+  qt, keys, vt = _to_blocked_layout(q, k, v, compute_dtype, _queries_by_keys(compute_dtype))
   g = q.shape[2] // k.shape[2]
-  o, _ = _blocked_fwd_core(qt, k_t, vt, seg, prefix, g, block_q, compute_dtype)
+  o, _ = _fwd_core(qt, keys, vt, seg, prefix, g, block_q, compute_dtype)
   return _from_blocked_layout(o, q.shape[1])
 
 
 def _attention_blocked_fwd(q, k, v, seg, prefix, block_q, compute_dtype):
-  qt, k_t, vt = _to_blocked_layout(q, k, v, compute_dtype)
+  qt, keys, vt = _to_blocked_layout(q, k, v, compute_dtype, _queries_by_keys(compute_dtype))
   g = q.shape[2] // k.shape[2]
-  o, lse = _blocked_fwd_core(qt, k_t, vt, seg, prefix, g, block_q, compute_dtype)
+  o, lse = _fwd_core(qt, keys, vt, seg, prefix, g, block_q, compute_dtype)
   dtypes = tuple(jnp.zeros((0,), a.dtype) for a in (q, k, v))
-  return _from_blocked_layout(o, q.shape[1]), (qt, k_t, vt, seg, prefix, o, lse, dtypes)
+  return _from_blocked_layout(o, q.shape[1]), (qt, keys, vt, seg, prefix, o, lse, dtypes)
 
 
 def _attention_blocked_bwd(block_q, compute_dtype, res, g):
-  qt, k_t, vt, seg, prefix, o, lse, (qdt, kdt, vdt) = res
+  qt, keys, vt, seg, prefix, o, lse, (qdt, kdt, vdt) = res
   b, kh, tg, h = o.shape
   t = vt.shape[2]
   do = g.astype(F32).reshape(b, t, kh, tg // t, h).transpose(0, 2, 1, 3, 4).reshape(o.shape)
   delta = jnp.sum(do * o, axis=-1)
-  dq, dk_t, dv_t = _blocked_bwd_core(qt, jnp.swapaxes(k_t, 2, 3), k_t, vt, seg, prefix,
-                                     lse, delta, _operand(do, compute_dtype), tg // t,
-                                     block_q, compute_dtype)
+  if _queries_by_keys(compute_dtype):
+    dq, dk, dv = _qk_bwd_core(qt, keys, vt, seg, prefix, lse, delta,
+                              _row_major(_operand(do, compute_dtype)), tg // t, block_q,
+                              compute_dtype)
+    to_btkh = (0, 2, 1, 3)  # dk, dv: (B, K, T, H)
+  else:
+    dq, dk, dv = _blocked_bwd_core(qt, jnp.swapaxes(keys, 2, 3), keys, vt, seg, prefix,
+                                   lse, delta, _operand(do, compute_dtype), tg // t,
+                                   block_q, compute_dtype)
+    to_btkh = (0, 3, 1, 2)  # dk, dv: (B, K, H, T)
   dq = _from_blocked_layout(dq, t) * (1.0 / math.sqrt(h))
-  dk = dk_t.transpose(0, 3, 1, 2)
-  dv = dv_t.transpose(0, 3, 1, 2)
+  dk, dv = dk.transpose(to_btkh), dv.transpose(to_btkh)
   return (dq.astype(qdt.dtype), dk.astype(kdt.dtype), dv.astype(vdt.dtype), None, None)
 
 
@@ -492,11 +612,12 @@ def attention(q, k, v, segment_ids, prefix, *, compute_dtype=F32, impl="auto",
   its key range (no running max across key blocks), small enough that its
   (B, K, L, block_q*G) scores stay cheap, big enough for efficient batched matmuls.  The
   G = N/K query heads of a kv head are folded into the matmul columns, so GQA reads each
-  kv head once.  Scores are laid out keys x queries so that every batched dot goes to
-  XLA:CPU's two-core Eigen path (see the module notes).  A custom VJP stores only the
-  log-sum-exp per query and recomputes the probabilities block by block in the backward
-  pass (5 matmuls per block instead of autodiff's 4 plus saved N x T x T probabilities
-  and masks).
+  kv head once.  Float32 scores are laid out keys x queries so that every batched dot
+  goes to XLA:CPU's two-core Eigen path; with native bf16 dots on XLA:CPU they are laid
+  out queries x keys so that every dot stays bf16 on YNNPACK (see the module notes).  A
+  custom VJP stores only the log-sum-exp per query and recomputes the probabilities
+  block by block in the backward pass (5 matmuls per block instead of autodiff's 4 plus
+  saved N x T x T probabilities and masks).
   """
   if impl not in ("auto", "blocked", "reference"):
     raise ValueError(f"unknown attention impl {impl!r}")

@@ -125,6 +125,7 @@ def masks(kind, t=T):
 
 @pytest.mark.parametrize("cd,kind,mode", [(F32, "causal_rows", "f32"), (F32, "prefix_rows", "f32"),
                                           (BF16, "causal_rows", "native"),
+                                          (BF16, "prefix_rows", "native"),
                                           (BF16, "prefix_rows", "f32")])
 def test_attention_blocked(cd, kind, mode, monkeypatch):
   """GQA (N=4, K=2), T=24 in blocks of 16 (last block short), all mask kinds."""
@@ -203,6 +204,40 @@ def test_attention_blocked_dots_take_the_two_core_path():
     return jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
   assert ynn_dot_count(hlo("reference")) > 0  # the check can see YNNPACK dots
   assert ynn_dot_count(hlo("blocked")) == 0
+
+
+def attention_dots(hlo_text):
+  """(result shape, operand dtypes) of each batched dot of compiled XLA:CPU HLO text,
+  the operand dtypes read from the parameters of the computation the dot is in."""
+  import re
+  out = []
+  for block in re.split(r"\n(?=%?[\w.\-]+ \()", hlo_text):
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[[\d,]*\]\{[\d,]*\} parameter\(", block))
+    types.update(re.findall(r"%([\w.\-]+) = (\w+)\[[\d,]*\]\{[\d,]*\} [a-z]", block))
+    for m in re.finditer(r"= (\w+\[[\d,]*\])\S* dot\(%([\w.\-]+), %([\w.\-]+)\), lhs_batch", block):
+      out.append((m.group(1), types.get(m.group(2)), types.get(m.group(3))))
+  return out
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU dot placement")
+def test_attention_native_bf16_dots_stay_bf16_on_ynnpack(monkeypatch):
+  """With native bf16 dots every batched dot of the blocked attention (forward and
+  backward, both branches of the prefix cond: the masks are arguments, not constants)
+  is a bf16 x bf16 dot inside a YNNPACK fusion.  XLA:CPU upcasts a batched bf16 dot that
+  YNNPACK cannot take (an operand contracting a non-minor axis, or one whose layout is a
+  transpose) to a float32 dot, silently: bf16 attention then runs at float32 speed."""
+  monkeypatch.setattr(K, "BF16_DOTS", "native")
+  q, k, v, ct = attn_inputs(b=3, t=T)
+  seg, prefix = masks("prefix_rows")
+  f = lambda q, k, v, seg, prefix: jnp.vdot(K.attention(
+      q, k, v, seg, prefix, compute_dtype=BF16, impl="blocked", block_q=16), ct)
+  text = jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(q, k, v, seg, prefix).compile().as_text()
+  dots = attention_dots(text)
+  # 2 query blocks x (2 forward + 5 backward dots, less the backward's recomputed scores
+  # if XLA merges them with the forward's) in each of the two cond branches.
+  assert len(dots) >= 2 * 2 * 6, dots
+  assert all(a == b == "bf16" for _, a, b in dots), dots
+  assert ynn_dot_count(text) == len(dots)
 
 
 # --------------------------------------------------------------------------------------
