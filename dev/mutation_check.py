@@ -438,6 +438,14 @@ MUTATIONS = [
     Mutation('report_drops_timing', 'experiments/limitations_report.py',
              "                  timing_section):", "                  ):",
              ('tests/test_limitations_tools.py', '-k', 'report'), 'limitations'),
+    Mutation('sandbox_leaves_uid_processes', 'research/tools/python_sandbox.py',
+             "  if uid is None:\n    return\n  for _ in range(100):",
+             "  if True:\n    return\n  for _ in range(100):",
+             ('tests/test_tools_hostile.py',), 'tools'),
+    Mutation('sandbox_tmp_not_removed', 'research/tools/python_sandbox.py',
+             'with tempfile.TemporaryDirectory(prefix=f"tool_python_{os.getpid()}_") as tmp:',
+             'with __import__("contextlib").nullcontext(tempfile.mkdtemp(prefix=f"tool_python_{os.getpid()}_")) as tmp:',
+             ('tests/test_tools_hostile.py',), 'tools'),
 ]
 
 

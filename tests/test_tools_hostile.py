@@ -25,10 +25,26 @@ DOCS = [("Apollo", "The first moon landing was in 1969. Astronauts walked on the
         ("Präsident", "Der Präsident sprach über 中文 und ünïcödé text.")]
 
 
+# The per-call uids this process's sandbox calls were given: only their processes count,
+# so tests running the sandbox in parallel workers (pytest -n) do not see each other's.
+_OUR_UIDS = set()
+
+
+@pytest.fixture(autouse=True)
+def record_uids(monkeypatch):
+  pick = python_sandbox._interpreter_and_uid  # pylint: disable=protected-access
+
+  def recorded(*args, **kwargs):
+    python, uid = pick(*args, **kwargs)
+    _OUR_UIDS.add(uid)
+    return python, uid
+  monkeypatch.setattr(python_sandbox, "_interpreter_and_uid", recorded)
+
+
 def _sandbox_processes() -> list[int]:
-  """Live processes running as one of the sandbox's per-call uids."""
-  lo, hi = python_sandbox._UID_RANGE  # pylint: disable=protected-access
-  return [pid for pid, uid in _uids() if lo <= uid < hi]
+  """Live processes running as one of the per-call uids of this process's sandbox calls
+  (whoever their parent is now: an orphan re-parented to init still counts)."""
+  return [pid for pid, uid in _uids() if uid in _OUR_UIDS]
 
 
 def _uids():
@@ -49,7 +65,8 @@ def _host_state():
       pid=os.getpid(), cwd=os.getcwd(),
       env={k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},
       cwd_files=sorted(os.listdir(".")),
-      tmp_files=sorted(f for f in os.listdir(tmp) if f.startswith(("tool_python_", "pwn"))),
+      tmp_files=sorted(f for f in os.listdir(tmp)
+                       if f.startswith((f"tool_python_{os.getpid()}_", "pwn"))),
       limits={r: resource.getrlimit(getattr(resource, r))
               for r in ("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_NPROC", "RLIMIT_FSIZE",
                         "RLIMIT_NOFILE")})

@@ -245,7 +245,8 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256,
   python, uid = _interpreter_and_uid(drop_privileges)
   if uid is None and os.geteuid() != 0:  # per-user count: leave room above the present
     max_processes += len(_processes_of(os.getuid()))
-  with tempfile.TemporaryDirectory(prefix="tool_python_") as tmp:
+  # The host pid in the name tells whose call a leftover folder came from.
+  with tempfile.TemporaryDirectory(prefix=f"tool_python_{os.getpid()}_") as tmp:
     main = os.path.join(tmp, "main.py")
     with open(main, "w", encoding="utf-8") as f:
       f.write(code)
