@@ -37,7 +37,7 @@ def numbers(card: dict) -> dict:
   """The card without wall times and the environment (what a rerun must reproduce)."""
   def strip(x):
     if isinstance(x, dict):
-      return {k: strip(v) for k, v in x.items() if k not in ('minutes', 'environment',
+      return {k: strip(v) for k, v in x.items() if k not in ('minutes', 'cpu_minutes', 'environment',
                                                              'workdir')}
     if isinstance(x, list):
       return [strip(v) for v in x]
