@@ -196,7 +196,8 @@ def run(config, workdir, models: dict) -> dict:
              limitations=_limitations_summary(results['limitations']),
              problems=dict(per_k=ec['word_problems_per_k'], ks=list(ec['ks']), dropped=dropped,
                            total=len(problems)),
-             models={m: str(d) for m, d in models.items()}, minutes=(time.time() - t0) / 60)
+             models={m: os.path.relpath(d, workdir.parent) for m, d in models.items()},
+             minutes=(time.time() - t0) / 60)
   checkpoint_lib.write_json_atomic(workdir / SUMMARY_FILE, out)
   return out
 
