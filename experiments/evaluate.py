@@ -36,6 +36,18 @@ from research import evaluation  # pylint: disable=g-import-not-at-top
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / 'evals' / 'tasks'
 
+_WORKDIR = flags.DEFINE_multi_string('workdir', [], 'A finished run (repeat or comma-separate).')
+_TASKS = flags.DEFINE_list('tasks', ['piqa_local'], 'Task names or tags.')
+_LIMIT = flags.DEFINE_integer('limit', 0, 'Items per task (0: all).')
+_FEWSHOT = flags.DEFINE_integer('num_fewshot', -1, 'Few-shot examples (-1: the task default).')
+_BATCH = flags.DEFINE_integer('batch_size', 16, 'Rows per forward pass.')
+_CHAT = flags.DEFINE_enum('chat', 'auto', ['auto', 'yes', 'no'],
+                          'Apply the chat template (auto: for stages with an init).')
+_INCLUDE = flags.DEFINE_multi_string('include_path', [], 'More folders of task YAML files.')
+_DEFAULTS = flags.DEFINE_bool('include_defaults', False,
+                              "Also index lm_eval's built-in tasks (they need the network).")
+_OUT = flags.DEFINE_string('out_dir', 'runs/eval', 'Folder for the tables.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Few-shot sampling and generation seed.')
 
 
 def check_workdir(workdir) -> pathlib.Path:
@@ -216,18 +228,4 @@ def _main(argv):
 
 
 if __name__ == '__main__':
-  # Defined only when run as a program, so importing this module (the pipeline's
-  # evaluation stage does) never clashes with another experiment's --workdir flag.
-  _WORKDIR = flags.DEFINE_multi_string('workdir', [], 'A finished run (repeat or comma-separate).')
-  _TASKS = flags.DEFINE_list('tasks', ['piqa_local'], 'Task names or tags.')
-  _LIMIT = flags.DEFINE_integer('limit', 0, 'Items per task (0: all).')
-  _FEWSHOT = flags.DEFINE_integer('num_fewshot', -1, 'Few-shot examples (-1: the task default).')
-  _BATCH = flags.DEFINE_integer('batch_size', 16, 'Rows per forward pass.')
-  _CHAT = flags.DEFINE_enum('chat', 'auto', ['auto', 'yes', 'no'],
-                            'Apply the chat template (auto: for stages with an init).')
-  _INCLUDE = flags.DEFINE_multi_string('include_path', [], 'More folders of task YAML files.')
-  _DEFAULTS = flags.DEFINE_bool('include_defaults', False,
-                                "Also index lm_eval's built-in tasks (they need the network).")
-  _OUT = flags.DEFINE_string('out_dir', 'runs/eval', 'Folder for the tables.')
-  _SEED = flags.DEFINE_integer('seed', 0, 'Few-shot sampling and generation seed.')
   app.run(_main)

@@ -37,6 +37,7 @@ import jax
 import numpy as np
 from experiments import common
 from experiments import dpo
+from experiments import limitations
 from experiments import pipeline_eval
 from experiments import pipeline_report
 from experiments import pretrain
@@ -45,6 +46,7 @@ from experiments import sft
 from research import checkpoint as checkpoint_lib
 from research import model as model_lib
 from research import ppo
+from research import preferences
 from research import rl_tasks
 
 STAGES = ('pretrain', 'sft', 'rlhf', 'evaluate')
@@ -98,20 +100,30 @@ def policy_dir(workdir) -> pathlib.Path:
   return policy if policy.exists() else workdir / 'rlhf'
 
 
+def _prompts(rc: dict, sft_dir, tokenizer) -> rl_tasks.Prompts:
+  try:
+    return rl_tasks.task_prompts(rc, sft_dir, tokenizer)
+  except (rl_tasks.TaskError, preferences.PreferenceError) as e:
+    raise common.UserError(str(e)) from None
+
+
 def dpo_pairs(rc: dict, workdir: pathlib.Path, sft_dir) -> tuple[tuple[dict, dict], dict]:
-  """The pairs the proxy reward model would train on (rlhf.gold_pairs: 2k samples of the
+  """The pairs the proxy reward model would train on (rl_tasks.policy_gold_pairs: 2k samples of the
   SFT policy per prompt, paired and labelled by gold), sampled once and kept in
   WORKDIR/pairs.npz so a resumed DPO run reads the same ones."""
   path = workdir / PAIRS_FILE
   if not path.exists():
     params, init_config, tokenizer = checkpoint_lib.load_stage(sft_dir)
     policy_cfg = model_lib.TransformerConfig.from_dict(init_config['model'])
-    prompts = rlhf.load_prompts(rc, sft_dir, tokenizer)
+    prompts = _prompts(rc, sft_dir, tokenizer)
     programs = ppo.RolloutPrograms.make(policy_cfg, None, n=rc['ppo']['max_new_tokens'],
                                         stop_id=prompts.stop_id, pad_id=tokenizer.pad_id,
                                         close=rc['score_with_stop'], fast=rc['fast_compile'])
-    (train, held), stats = rlhf.gold_pairs(programs, params, prompts, tokenizer,
-                                           rl_tasks.make_gold(rc['gold']), rc)
+    try:
+      (train, held), stats = rl_tasks.policy_gold_pairs(programs, params, prompts, tokenizer,
+                                                        rl_tasks.make_gold(rc['gold']), rc)
+    except rl_tasks.TaskError as e:
+      raise common.UserError(str(e)) from None
     workdir.mkdir(parents=True, exist_ok=True)
     arrays = {f'train/{k}': np.asarray(v) for k, v in train.items() if k != 'counts'}
     arrays.update({f'held/{k}': np.asarray(v) for k, v in held.items() if k != 'counts'})
@@ -137,7 +149,7 @@ def run_dpo(config, workdir: pathlib.Path, sft_dir) -> dict:
     return dict(interrupted=True)
   _, init_config, tokenizer = checkpoint_lib.load_stage(sft_dir)
   policy_cfg = model_lib.TransformerConfig.from_dict(init_config['model'])
-  prompts = rlhf.load_prompts(rc, sft_dir, tokenizer)
+  prompts = _prompts(rc, sft_dir, tokenizer)
   programs = ppo.RolloutPrograms.make(policy_cfg, None, n=rc['ppo']['max_new_tokens'],
                                       stop_id=prompts.stop_id, pad_id=tokenizer.pad_id,
                                       close=rc['score_with_stop'], fast=rc['fast_compile'])
@@ -199,8 +211,10 @@ def run(config, workdir) -> dict:
     elif stage == 'rlhf':
       result = rlhf.run(config.rlhf, workdir / 'rlhf', workdir / 'sft')
     else:
-      result = pipeline_eval.run(config.evaluate, workdir / 'evaluate', dict(
-          pretrain=workdir / 'pretrain', sft=workdir / 'sft', rl=policy_dir(workdir)))
+      result = pipeline_eval.run(
+          config.evaluate, workdir / 'evaluate',
+          dict(pretrain=workdir / 'pretrain', sft=workdir / 'sft', rl=policy_dir(workdir)),
+          lambda folder: limitations.run(config.evaluate.limitations, folder))
     this_run[stage] = time.time() - start
     times[stage] = times.get(stage, 0.0) + this_run[stage]
     cpu[stage] = cpu.get(stage, 0.0) + time.process_time() - start_cpu

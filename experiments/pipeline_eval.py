@@ -16,12 +16,14 @@ policy: rlhf/policy after PPO and its estimators, the rlhf folder itself after D
                          The problems are the SFT stage's held-out draw for each k
                          (`conversations.word_problem_splits`, seed·1000 + k), less any
                          question of its training split.
-  harness/<model>        `evaluate.tasks` through lm-evaluation-harness (research/
-                         lm_eval_model.py, experiments/evaluate.py; local YAMLs in
-                         evals/tasks, data in ../shared/data or $RESEARCH_SHARED_DATA).
-                         Without that folder (a fresh clone) the part is skipped and the
-                         record says why.
-  limitations            experiments.limitations.run at `evaluate.limitations`'s size:
+  harness                `evaluate.tasks` on every model through lm-evaluation-harness, by
+                         `python -m experiments.evaluate` (research/lm_eval_model.py; local
+                         YAMLs in evals/tasks, data in ../shared/data or
+                         $RESEARCH_SHARED_DATA; its tables in evaluate/harness/). Without
+                         that folder (a fresh clone) the part is skipped and the record
+                         says why.
+  limitations            experiments.limitations at `evaluate.limitations`'s size (run by
+                         the pipeline, read back from its files):
                          hallucination (with the "I don't know" mitigation), bias
                          amplification, tokens to think; models of its own, trained from
                          scratch on its synthetic data.
@@ -31,11 +33,12 @@ import collections
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import time
 
 import jax
 from experiments import common
-from experiments import limitations
 from research import chat
 from research import checkpoint as checkpoint_lib
 from research import conversations as conv_lib
@@ -140,21 +143,40 @@ def word_problem_scores(model_dir, problems, ec: dict) -> dict:
               conversations=conversations)
 
 
-def harness_scores(model_dir, ec: dict) -> dict:
-  """The lm-eval tasks of `ec['tasks']` on one model: {rows, info} or {skipped: reason}."""
+def harness_scores(models: dict, ec: dict, out_dir) -> dict:
+  """The lm-eval tasks of `ec['tasks']` on every model, by experiments.evaluate's command
+  line (one process for all of them; its tables land in `out_dir`).
+
+  Returns:
+    {model: {info, rows}} (rows as experiments/evaluate.py's score_rows), or {model:
+    {skipped: reason}} for every model when the data folder is absent.
+
+  Raises:
+    common.UserError: the evaluation failed (its last line of stderr).
+  """
   data = shared_data_dir()
   if not data.is_dir():
-    return dict(skipped=f'{data} not found (a fresh clone has no ../shared; set '
-                        'RESEARCH_SHARED_DATA to the data folder to run these tasks)')
-  from experiments import evaluate  # pylint: disable=g-import-not-at-top  (imports lm_eval)
-  tasks = list(ec['tasks'])
-  manager = evaluate.task_manager([evaluate.TASKS_DIR], False, tasks)
-  info, rows = evaluate.evaluate_workdir(model_dir, tasks, manager, limit=ec['harness_limit'],
-                                         batch_size=ec['harness_batch_size'], seed=0)
-  return dict(info=info, rows=rows)
+    reason = (f'{data} not found (a fresh clone has no ../shared; set RESEARCH_SHARED_DATA '
+              'to the data folder to run these tasks)')
+    return {m: dict(skipped=reason) for m in models}
+  out_dir = pathlib.Path(out_dir)
+  command = [sys.executable, '-m', 'experiments.evaluate', f'--tasks={",".join(ec["tasks"])}',
+             f'--limit={ec["harness_limit"]}', f'--batch_size={ec["harness_batch_size"]}',
+             f'--out_dir={out_dir}', '--seed=0'] + [f'--workdir={d}' for d in models.values()]
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+  if done.returncode != 0:
+    last = (done.stderr.strip().splitlines() or ['(no stderr)'])[-1]
+    raise common.UserError(f'harness evaluation failed: {last}')
+  table = json.loads((out_dir / 'comparison.json').read_text())
+  by_path = {pathlib.Path(info['workdir']).resolve(): name for name, info in table['info'].items()}
+  out = {}
+  for model, folder in models.items():
+    name = by_path[pathlib.Path(folder).resolve()]
+    out[model] = dict(info=table['info'][name], rows=table['rows'][name])
+  return out
 
 
-def run(config, workdir, models: dict) -> dict:
+def run(config, workdir, models: dict, limitations_fn) -> dict:
   """Runs (or finishes) every part in `workdir`; returns (and writes) the evaluation.
 
   Args:
@@ -162,6 +184,9 @@ def run(config, workdir, models: dict) -> dict:
     workdir: this stage's folder.
     models: name -> a finished stage's folder ('pretrain', 'sft', 'rl'), in table order;
       the SFT stage's config.json gives the held-out word problems.
+    limitations_fn: folder -> None, runs (or resumes) the limitations study there
+      (experiments.limitations.run with `config.limitations`, passed in by the pipeline);
+      its limitations.json and report.md are read back.
 
   Returns:
     dict(word_problems={model: scores}, harness={model: rows or skipped},
@@ -180,9 +205,8 @@ def run(config, workdir, models: dict) -> dict:
              'as questions the SFT stage trained on)')
   parts = [(f'word_problems/{m}', lambda m=m: word_problem_scores(models[m], problems, ec))
            for m in models]
-  parts += [(f'harness/{m}', lambda m=m: harness_scores(models[m], ec)) for m in models]
-  parts.append(('limitations', lambda: limitations.run(ec['limitations'],
-                                                       workdir / 'limitations')))
+  parts.append(('harness', lambda: harness_scores(models, ec, workdir / 'harness')))
+  parts.append(('limitations', lambda: _limitations(limitations_fn, workdir / 'limitations')))
   progress = common.Progress(len(parts))
   t0, results = time.time(), {}
   for i, (name, fn) in enumerate(parts, 1):
@@ -192,8 +216,7 @@ def run(config, workdir, models: dict) -> dict:
     results[name] = json.loads(path.read_text())  # as a resumed stage reads it
     progress.update(i, f'evaluate: {name} done', final=True)
   out = dict(word_problems={m: results[f'word_problems/{m}'] for m in models},
-             harness={m: results[f'harness/{m}'] for m in models},
-             limitations=_limitations_summary(results['limitations']),
+             harness=results['harness'], limitations=results['limitations'],
              problems=dict(per_k=ec['word_problems_per_k'], ks=list(ec['ks']), dropped=dropped,
                            total=len(problems)),
              models={m: os.path.relpath(d, workdir.parent) for m, d in models.items()},
@@ -202,10 +225,12 @@ def run(config, workdir, models: dict) -> dict:
   return out
 
 
-def _limitations_summary(results: dict) -> dict:
-  """The study's results without its config, and its report's markdown."""
-  body = {k: v for k, v in results.items() if k != 'config'}
-  return dict(results=body, report=limitations.report(results))
+def _limitations(limitations_fn, folder: pathlib.Path) -> dict:
+  """Runs the study in `folder` -> {results (without its config), report (markdown)}."""
+  limitations_fn(folder)
+  results = json.loads((folder / 'limitations.json').read_text())
+  return dict(results={k: v for k, v in results.items() if k != 'config'},
+              report=(folder / 'report.md').read_text())
 
 
 def accuracy_line(r: dict) -> str:

@@ -59,34 +59,13 @@ encode, response_texts, sample_rows = rl_tasks.encode, rl_tasks.response_texts, 
 
 
 def load_prompts(config: dict, init_workdir, tokenizer) -> rl_tasks.Prompts:
-  """The task's training pool and fixed evaluation prompts (research/rl_tasks.py)."""
-  dc = config['data']
-  if config['task'] == 'hh':
-    try:
-      pairs = preferences.hh_rlhf(dc['hh_path'] or None)
-    except preferences.PreferenceError as e:
-      raise common.UserError(str(e)) from None
-    rc = config['reward_model']
-    return rl_tasks.hh_prompts(pairs, tokenizer, heldout_fraction=rc['data']['heldout_fraction'],
-                               seed=rc['seed'], max_prompt_tokens=dc['max_prompt_tokens'],
-                               eval_prompts=dc['eval_prompts'])
-  corpus, fraction, split_seed = checkpoint_lib.pretraining_split(init_workdir, dc['validation_fraction'])
-  note = ''
-  if corpus != dc['corpus']:
-    note = (f'the init\'s pretraining corpus is {corpus!r}, not {dc["corpus"]!r}: prompts come '
-            f'from a {fraction} split (seed {split_seed}) of {dc["corpus"]!r}')
-    common.log(f'note: {note}')
-  _, held = data_lib.split_documents(data_lib.load_corpus(dc['corpus']), fraction,
-                                     seed=split_seed)
+  """The task's training pool and fixed evaluation prompts (rl_tasks.task_prompts)."""
   try:
-    prompts = rl_tasks.continuation_prompts(
-        held, tokenizer, seed=config['seed'], min_sentence_words=dc['min_sentence_words'],
-        min_words=dc['min_words'], max_words=dc['max_words'],
-        max_prompt_tokens=dc['max_prompt_tokens'], eval_prompts=dc['eval_prompts'],
-        min_train=config['ppo']['batch_size'])
-  except rl_tasks.TaskError as e:
-    raise common.UserError(f'{dc["corpus"]!r}: {e}') from None
-  prompts.note = note
+    prompts = rl_tasks.task_prompts(config, init_workdir, tokenizer)
+  except (rl_tasks.TaskError, preferences.PreferenceError) as e:
+    raise common.UserError(str(e)) from None
+  if prompts.note:
+    common.log(f'note: {prompts.note}')
   return prompts
 
 
@@ -97,25 +76,11 @@ def load_prompts(config: dict, init_workdir, tokenizer) -> rl_tasks.Prompts:
 
 def gold_pairs(programs, params, prompts, tokenizer, gold, config) -> tuple[tuple, dict]:
   """2k samples of the init policy per training prompt, paired and labelled by gold
-  (rl_tasks.gold_labelled_pairs) -> ((train arrays, held-out arrays), stats)."""
-  pc = config['pairs']
-  ids = prompts.train_ids[:pc['num_prompts']]
-  start = time.time()
-  rows = [p for p in ids for _ in range(2 * pc['pairs_per_prompt'])]
-  out = sample_rows(programs, params, rows, batch=config['ppo']['batch_size'],
-                    width=config['data']['max_prompt_tokens'],
-                    key=jax.random.key(config['seed'] + 101))
-  texts = response_texts(tokenizer, out['tokens'], out['lengths'], prompts.stop_id)
+  (rl_tasks.policy_gold_pairs) -> ((train arrays, held-out arrays), stats)."""
   try:
-    pairs, stats = rl_tasks.gold_labelled_pairs(
-        prompts, ids, out['tokens'], out['lengths'], gold(texts), texts,
-        pairs_per_prompt=pc['pairs_per_prompt'], min_gap=pc['min_gap'],
-        close=config['score_with_stop'], seq_len=config['reward_model']['data']['seq_len'],
-        heldout_fraction=pc['heldout_fraction'], seed=config['seed'])
+    return rl_tasks.policy_gold_pairs(programs, params, prompts, tokenizer, gold, config)
   except rl_tasks.TaskError as e:
     raise common.UserError(str(e)) from None
-  stats.update(fraction_done=float(out['done'].mean()), sampling_seconds=time.time() - start)
-  return pairs, stats
 
 
 def heldout_summary(rm_summary: dict) -> dict:

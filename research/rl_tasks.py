@@ -10,6 +10,9 @@ should have answered, as plain functions of documents, token ids and texts.
   best_of_n              best-of-n by proxy with the analytic KL (Stiennon et al. 2020)
   sample_rows / evaluate_policy / samples_table   a policy's samples on a prompt set,
                          scored by proxy, gold and KL from a reference policy
+  task_prompts           an RL config's prompt set (continuation or hh) for an init stage
+  policy_gold_pairs      the proxy reward model's (and the pipeline's DPO) pairs: the
+                         init policy's samples, labelled by gold
 """
 import dataclasses
 import math
@@ -21,6 +24,8 @@ import jax
 import numpy as np
 
 from research import chat
+from research import checkpoint as checkpoint_lib
+from research import data as data_lib
 from research import evaluation
 from research import preferences
 from research import reward_model as rm_lib
@@ -293,3 +298,67 @@ def samples_table(programs, params, rm, prompts, tokenizer, gold, config) -> lis
   g = gold(texts) if gold is not None else [None] * len(texts)
   return [dict(prompt=p, continuation=t, proxy=float(s), gold=None if x is None else float(x))
           for p, t, s, x in zip(prompts.eval_text[:n], texts, out['proxy'], g)]
+
+
+def task_prompts(config: dict, init_workdir, tokenizer) -> Prompts:
+  """The training pool and fixed evaluation prompts of an RL config (configs/rlhf.py).
+
+  continuation: sentence starts of the held-out documents of the init's own pretraining
+  split (`checkpoint.pretraining_split`; `note` says so when the corpus differs from
+  data.corpus); hh: hh-rlhf dialogues (data.hh_path or ../shared/data).
+
+  Raises:
+    TaskError: the corpus gives too few prompts.
+    preferences.PreferenceError: the hh-rlhf file is missing or malformed.
+  """
+  dc = config['data']
+  if config['task'] == 'hh':
+    pairs = preferences.hh_rlhf(dc['hh_path'] or None)
+    rc = config['reward_model']
+    return hh_prompts(pairs, tokenizer, heldout_fraction=rc['data']['heldout_fraction'],
+                      seed=rc['seed'], max_prompt_tokens=dc['max_prompt_tokens'],
+                      eval_prompts=dc['eval_prompts'])
+  corpus, fraction, split_seed = checkpoint_lib.pretraining_split(init_workdir,
+                                                                  dc['validation_fraction'])
+  note = ''
+  if corpus != dc['corpus']:
+    note = (f'the init\'s pretraining corpus is {corpus!r}, not {dc["corpus"]!r}: prompts come '
+            f'from a {fraction} split (seed {split_seed}) of {dc["corpus"]!r}')
+  _, held = data_lib.split_documents(data_lib.load_corpus(dc['corpus']), fraction,
+                                     seed=split_seed)
+  try:
+    prompts = continuation_prompts(
+        held, tokenizer, seed=config['seed'], min_sentence_words=dc['min_sentence_words'],
+        min_words=dc['min_words'], max_words=dc['max_words'],
+        max_prompt_tokens=dc['max_prompt_tokens'], eval_prompts=dc['eval_prompts'],
+        min_train=config['ppo']['batch_size'])
+  except TaskError as e:
+    raise TaskError(f'{dc["corpus"]!r}: {e}') from None
+  prompts.note = note
+  return prompts
+
+
+def policy_gold_pairs(programs, params, prompts: Prompts, tokenizer, gold, config: dict
+                      ) -> tuple[tuple[dict, dict], dict]:
+  """2k samples of a policy per training prompt (the first `pairs.num_prompts`, key
+  seed + 101), paired and labelled by gold (`gold_labelled_pairs`) -> ((train arrays,
+  held-out arrays), stats with fraction_done and sampling_seconds).
+
+  Raises:
+    TaskError: as `gold_labelled_pairs`.
+  """
+  pc = config['pairs']
+  ids = prompts.train_ids[:pc['num_prompts']]
+  start = time.time()
+  rows = [p for p in ids for _ in range(2 * pc['pairs_per_prompt'])]
+  out = sample_rows(programs, params, rows, batch=config['ppo']['batch_size'],
+                    width=config['data']['max_prompt_tokens'],
+                    key=jax.random.key(config['seed'] + 101))
+  texts = response_texts(tokenizer, out['tokens'], out['lengths'], prompts.stop_id)
+  pairs, stats = gold_labelled_pairs(
+      prompts, ids, out['tokens'], out['lengths'], gold(texts), texts,
+      pairs_per_prompt=pc['pairs_per_prompt'], min_gap=pc['min_gap'],
+      close=config['score_with_stop'], seq_len=config['reward_model']['data']['seq_len'],
+      heldout_fraction=pc['heldout_fraction'], seed=config['seed'])
+  stats.update(fraction_done=float(out['done'].mean()), sampling_seconds=time.time() - start)
+  return pairs, stats

@@ -231,7 +231,8 @@ def test_heldout_word_problems_never_hold_a_trained_question():
 
 def test_harness_is_skipped_with_a_reason_without_shared_data(tmp_path, monkeypatch):
   monkeypatch.setenv('RESEARCH_SHARED_DATA', str(tmp_path / 'absent'))
-  out = pipeline_eval.harness_scores(tmp_path, {'tasks': ['piqa_local']})
+  out = pipeline_eval.harness_scores({'sft': tmp_path}, {'tasks': ['piqa_local']},
+                                     tmp_path / 'harness')['sft']
   assert 'absent not found' in out['skipped'] and 'rows' not in out
   scores = dict(with_tools={'1': dict(correct=1, total=2, accuracy=0.5, interval=[0.1, 0.9])},
                 without={'1': dict(correct=0, total=2, accuracy=0.0, interval=[0.0, 0.7])},
