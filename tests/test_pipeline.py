@@ -241,3 +241,22 @@ def test_harness_is_skipped_with_a_reason_without_shared_data(tmp_path, monkeypa
   text = '\n'.join(pipeline_report.benchmark_table(ev))
   assert 'Harness tasks skipped: ' + out['skipped'] in text
   assert '| word problems k=1, calculator | 0.50 [0.10, 0.90] |' in text
+
+
+def test_sft_tool_data_declares_the_calculator_and_plain_problems_do_not():
+  from experiments import sft  # pylint: disable=g-import-not-at-top
+  from research.tools import data as tools_data  # pylint: disable=g-import-not-at-top
+  config = pipeline_config.get_config('test').sft.to_dict()
+  config['data']['weights']['gsm8k_tools'] = 0.0  # (needs ../shared; same code path)
+  train, held, _ = sft.load_sources(config)
+  system = {'role': 'system', 'content': tools_data.calculator_system()}
+  for convs in (train['calculator'], held['calculator']):
+    assert all(c[0] == system and any(m.get('tool_calls') for m in c) for c in convs)
+  for convs in (train['word_problems'], train['chatterbot']):
+    assert all(c[0]['role'] == 'user' for c in convs)
+  # The same problems in both styles: the system message is the only cue to call.
+  assert {c[1]['content'] for c in train['calculator']} == \
+      {c[0]['content'] for c in train['word_problems']}
+  config['data']['tools_in_system'] = False  # configs/sft.py's default: no system message
+  train, _, _ = sft.load_sources(config)
+  assert all(c[0]['role'] == 'user' for c in train['calculator'])
