@@ -308,6 +308,16 @@ MUTATIONS = [
     Mutation('mixture_weights_unchecked', 'research/shards.py',
              "  if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:",
              "  if False:", ('tests/test_shards.py', '-k', 'bad_mixtures'), 'shards'),
+    # --- the pipeline: held-out evaluation, tool data, RL method ---------------------------
+    Mutation('pipeline_eval_trained_questions_kept', 'experiments/pipeline_eval.py',
+             'kept = [p for p in test if p.question not in seen]', 'kept = list(test)',
+             ('tests/test_pipeline.py', '-k', 'heldout_word_problems'), 'held out'),
+    Mutation('sft_tool_system_dropped', 'experiments/sft.py',
+             "  system = tools_data.calculator_system() if dc.get('tools_in_system') else None",
+             '  system = None', ('tests/test_pipeline.py', '-k', 'sft_tool_data'), 'data'),
+    Mutation('rl_method_estimator_unset', 'experiments/pipeline.py',
+             '    config.rlhf.ppo.advantage = method\n', '',
+             ('tests/test_pipeline.py', '-k', 'rl_method'), 'config'),
 ]
 
 
