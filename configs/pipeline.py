@@ -151,7 +151,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   e.word_problems_per_k = p['eval_per_k']  # held-out problems per k (the SFT stage's test set)
   e.ks = (1, 2)
   e.max_new_tokens = 64  # without tools
-  e.tools_max_new_tokens = 96  # with tools (injected results not counted)
+  e.tools_max_new_tokens = 160  # with tools (injected results not counted; a call is ~30)
   e.batch_size = 50
   e.sample_conversations = 3  # with the calculator live, in the report
   e.limitations = limitations_config.get_config('test' if p['lim'] == 'test' else 'default')
