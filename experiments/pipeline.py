@@ -192,6 +192,9 @@ def run(config, workdir) -> dict:
   times = json.loads(times_path.read_text()) if times_path.exists() else {}
   cpu_path = workdir / CPU_FILE
   cpu = json.loads(cpu_path.read_text()) if cpu_path.exists() else {}
+  for stage in STAGES[STAGES.index(config.from_stage):] if config.from_stage else ():
+    times.pop(stage, None)  # its folder was moved aside: its time restarts from zero
+    cpu.pop(stage, None)
   start_all, this_run = time.time(), {}
   for i, stage in enumerate(STAGES, 1):
     if _done(workdir, stage):

@@ -6,6 +6,7 @@ overall ETA, the rl_method checks and the harness skip without ../shared."""
 import json
 import random
 import shutil
+import time
 
 import pytest
 
@@ -141,8 +142,14 @@ def test_from_stage_moves_later_stages_aside_and_reruns_them(corpus, straight, t
   shutil.copytree(source, workdir)
   config = config_for(corpus)
   config.from_stage = 'rlhf'
+  start = time.time()
   again = pipeline.run(config, workdir)
+  elapsed = time.time() - start
   assert (workdir / 'previous' / 'rlhf-0' / 'summary.json').exists()  # kept, not deleted
+  # The rerun stages' times restart: what was moved aside is not added to them.
+  times = json.loads((workdir / pipeline.TIMES_FILE).read_text())
+  assert times['sft'] == json.loads((source / pipeline.TIMES_FILE).read_text())['sft']
+  assert times['rlhf'] + times['evaluate'] <= elapsed + 0.5
   assert numbers(again) == numbers(card)
   config.from_stage = 'nonsense'
   with pytest.raises(common.UserError, match='from_stage'):
