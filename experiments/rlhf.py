@@ -76,25 +76,11 @@ def load_prompts(config: dict, init_workdir, tokenizer) -> rl_tasks.Prompts:
 
 def gold_pairs(programs, params, prompts, tokenizer, gold, config) -> tuple[tuple, dict]:
   """2k samples of the init policy per training prompt, paired and labelled by gold
-  (rl_tasks.gold_labelled_pairs) -> ((train arrays, held-out arrays), stats)."""
-  pc = config['pairs']
-  ids = prompts.train_ids[:pc['num_prompts']]
-  start = time.time()
-  rows = [p for p in ids for _ in range(2 * pc['pairs_per_prompt'])]
-  out = sample_rows(programs, params, rows, batch=config['ppo']['batch_size'],
-                    width=config['data']['max_prompt_tokens'],
-                    key=jax.random.key(config['seed'] + 101))
-  texts = response_texts(tokenizer, out['tokens'], out['lengths'], prompts.stop_id)
+  (rl_tasks.policy_gold_pairs) -> ((train arrays, held-out arrays), stats)."""
   try:
-    pairs, stats = rl_tasks.gold_labelled_pairs(
-        prompts, ids, out['tokens'], out['lengths'], gold(texts), texts,
-        pairs_per_prompt=pc['pairs_per_prompt'], min_gap=pc['min_gap'],
-        close=config['score_with_stop'], seq_len=config['reward_model']['data']['seq_len'],
-        heldout_fraction=pc['heldout_fraction'], seed=config['seed'])
+    return rl_tasks.policy_gold_pairs(programs, params, prompts, tokenizer, gold, config)
   except rl_tasks.TaskError as e:
     raise common.UserError(str(e)) from None
-  stats.update(fraction_done=float(out['done'].mean()), sampling_seconds=time.time() - start)
-  return pairs, stats
 
 
 def heldout_summary(rm_summary: dict) -> dict:

@@ -61,6 +61,9 @@ def load_sources(config: dict) -> tuple[dict, dict, dict]:
   weights = {k: v for k, v in dc['weights'].items() if v > 0}
   train, held, problems = {}, {}, {}
   wp = dc['word_problems']
+  # Calculator data opens with a system message declaring the tool (plain word problems
+  # have none), so the model calls it only when told it is there.
+  system = tools_data.calculator_system() if dc.get('tools_in_system') else None
   if {'word_problems', 'calculator'} & set(weights) or config['eval']['word_problems_per_k']:
     # Stratified by k: the same number of train and of test problems for every k.
     ks = range(wp['min_steps'], wp['max_steps'] + 1)
@@ -78,8 +81,8 @@ def load_sources(config: dict) -> tuple[dict, dict, dict]:
       held['word_problems'] = [conv_lib.word_problem_conversation(p, wp['format'])
                                for p in test_p]
     if 'calculator' in weights:  # the same problems, each step handed to the calculator
-      train['calculator'] = [tools_data.calculator_conversation(p) for p in train_p]
-      held['calculator'] = [tools_data.calculator_conversation(p) for p in test_p]
+      train['calculator'] = [tools_data.calculator_conversation(p, system) for p in train_p]
+      held['calculator'] = [tools_data.calculator_conversation(p, system) for p in test_p]
   if 'chatterbot' in weights:
     train['chatterbot'], held['chatterbot'] = _split(conv_lib.chatterbot(),
                                                      dc['validation_fraction'], seed)
@@ -92,7 +95,8 @@ def load_sources(config: dict) -> tuple[dict, dict, dict]:
     if 'gsm8k_tools' in weights:  # <<a*b=c>> annotations as calculator calls
       gsm_tools = tools_data.gsm8k_tool_examples(gsm_dir, 'train')
       train['gsm8k_tools'], held['gsm8k_tools'] = _split(
-          [e.conversation for e in gsm_tools], dc['validation_fraction'], seed)
+          [tools_data.with_system(e.conversation, system) for e in gsm_tools],
+          dc['validation_fraction'], seed)
     if config['eval']['gsm8k']:
       problems['gsm8k'] = conv_lib.gsm8k(gsm_dir, 'test')[:config['eval']['gsm8k']]
   elif dc['gsm8k_dir']:

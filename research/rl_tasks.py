@@ -12,6 +12,8 @@ should have answered, as plain functions of documents, token ids and texts.
   best_of_n_expected     its unbiased estimate from K >= n samples (Gao et al. 2022)
   sample_rows / evaluate_policy / samples_table   a policy's samples on a prompt set,
                          scored by proxy, gold and KL from a reference policy
+  policy_gold_pairs      the proxy reward model's (and the pipeline's DPO) pairs: the
+                         init policy's samples, labelled by gold
 """
 import dataclasses
 import math
@@ -363,3 +365,29 @@ def samples_table(programs, params, rm, prompts, tokenizer, gold, config) -> lis
   g = gold(texts) if gold is not None else [None] * len(texts)
   return [dict(prompt=p, continuation=t, proxy=float(s), gold=None if x is None else float(x))
           for p, t, s, x in zip(prompts.eval_text[:n], texts, out['proxy'], g)]
+
+
+def policy_gold_pairs(programs, params, prompts: Prompts, tokenizer, gold, config: dict
+                      ) -> tuple[tuple[dict, dict], dict]:
+  """2k samples of a policy per training prompt (the first `pairs.num_prompts`, key
+  seed + 101), paired and labelled by gold (`gold_labelled_pairs`) -> ((train arrays,
+  held-out arrays), stats with fraction_done and sampling_seconds).
+
+  Raises:
+    TaskError: as `gold_labelled_pairs`.
+  """
+  pc = config['pairs']
+  ids = prompts.train_ids[:pc['num_prompts']]
+  start = time.time()
+  rows = [p for p in ids for _ in range(2 * pc['pairs_per_prompt'])]
+  out = sample_rows(programs, params, rows, batch=config['ppo']['batch_size'],
+                    width=config['data']['max_prompt_tokens'],
+                    key=jax.random.key(config['seed'] + 101))
+  texts = response_texts(tokenizer, out['tokens'], out['lengths'], prompts.stop_id)
+  pairs, stats = gold_labelled_pairs(
+      prompts, ids, out['tokens'], out['lengths'], gold(texts), texts,
+      pairs_per_prompt=pc['pairs_per_prompt'], min_gap=pc['min_gap'],
+      close=config['score_with_stop'], seq_len=config['reward_model']['data']['seq_len'],
+      heldout_fraction=pc['heldout_fraction'], seed=config['seed'])
+  stats.update(fraction_done=float(out['done'].mean()), sampling_seconds=time.time() - start)
+  return pairs, stats

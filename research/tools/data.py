@@ -67,6 +67,22 @@ def calculator_conversation(problem: conversations.Problem, system: str | None =
   return messages
 
 
+def calculator_system() -> str:
+  """The system message that declares the calculator tool (its name, description and
+  JSON schema, `registry.describe`): with it a model fine-tuned on both styles calls the
+  calculator, without it the model works the steps out itself (the SFT data's
+  `data.tools_in_system` and the pipeline's with/without-tools evaluation)."""
+  tools = {"calculator": registry.default_tools()["calculator"]}
+  return "You can call these tools:\n" + registry.describe(tools)
+
+
+def with_system(conversation: conversations.Conversation, system: str | None
+                ) -> conversations.Conversation:
+  """`conversation` with a system message first (unchanged when `system` is None)."""
+  return conversation if system is None else [{"role": "system", "content": system}
+                                              ] + list(conversation)
+
+
 def calculator_word_problems(n: int, steps: int | tuple[int, int] = (1, 4), seed: int = 0,
                              exclude: frozenset[str] | set[str] = frozenset(),
                              with_system: bool = False) -> list[conversations.Conversation]:
@@ -74,10 +90,7 @@ def calculator_word_problems(n: int, steps: int | tuple[int, int] = (1, 4), seed
 
   with_system: start each with a system message listing the calculator tool.
   """
-  system = None
-  if with_system:
-    tools = {"calculator": registry.default_tools()["calculator"]}
-    system = "You can call these tools:\n" + registry.describe(tools)
+  system = calculator_system() if with_system else None
   return [calculator_conversation(p, system)
           for p in conversations.word_problems(n, steps, seed, exclude)]
 
