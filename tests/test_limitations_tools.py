@@ -93,20 +93,42 @@ def test_after_tools_splits_at_the_last_result_block():
   assert after_tools(gen, 1) == ([], [80, 81])  # no call: the context is the prompt
 
 
-def test_closed_sentence_reward_is_blind_to_the_word():
+def test_role_sentence_reward_pays_any_role_alike_and_only_a_role():
   stop = 7
-  response = np.array([[11, 5, stop, 0, 0],    # ' farmer' '.' eos
-                       [12, 5, stop, 0, 0],    # ' sailor' '.' eos
-                       [11, 13, 14, 15, 16],   # never closes
-                       [11, 13, 14, 5, stop],  # closes after five tokens
-                       [stop, 0, 0, 0, 0]])    # eos at once: closed too
-  valid = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1],
-                    [1, 0, 0, 0, 0]], bool)
-  np.testing.assert_array_equal(lt.closed_sentence_reward(response, valid, stop, 4),
-                                [1, 1, 0, 0, 1])
-  # A stop token in the padding does not count.
-  assert lt.closed_sentence_reward(np.array([[11, 13, stop]]), np.array([[1, 1, 0]], bool),
-                                   stop)[0] == 0
+  # ' farmer.' as 3 tokens, ' sailor.' as 2 (padded with 0).
+  sentences = np.array([[11, 21, 5], [12, 5, 0]])
+  lengths = np.array([3, 2])
+  response = np.array([[11, 21, 5, stop, 0, 0],   # ' farmer.' eos
+                       [12, 5, stop, 0, 0, 0],    # ' sailor.' eos
+                       [5, stop, 0, 0, 0, 0],     # '.' eos: closed, short, names no role
+                       [stop, 0, 0, 0, 0, 0],     # eos at once
+                       [11, 21, 5, 11, 21, 5],    # ' farmer.' not closed
+                       [12, 21, 5, stop, 0, 0],   # a role-like start, another word
+                       [11, 21, stop, 0, 0, 0]])  # ' farmer' with no full stop
+  valid = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0],
+                    [1, 0, 0, 0, 0, 0], [1] * 6, [1, 1, 1, 1, 0, 0],
+                    [1, 1, 1, 0, 0, 0]], bool)
+  np.testing.assert_array_equal(lt.role_sentence_reward(response, valid, sentences, lengths,
+                                                         stop), [1, 1, 0, 0, 0, 0, 0])
+  # A stop in the padding (not sampled) does not close the sentence.
+  assert lt.role_sentence_reward(np.array([[12, 5, stop, 0]]),
+                                 np.array([[1, 1, 0, 0]], bool), sentences, lengths,
+                                 stop)[0] == 0
+  with pytest.raises(ValueError, match='cannot hold'):
+    lt.role_sentence_reward(response[:, :3], valid[:, :3], sentences, lengths, stop)
+
+
+def test_role_sentences_are_the_tokens_after_a_bias_prompt(tmp_path):
+  from research import limitations_probes as probes
+  from research import tokenizer as tokenizer_lib
+  texts, _ = lim.bias_sentences(300, 0.7, 0)
+  tokenizer = tokenizer_lib.train_tokenizer(texts, vocab_size=512, seed=0)
+  sentences, lengths = probes.role_sentences(tokenizer)
+  prompt = lim.bias_prompt('Zana', lim.GROUPS[1])
+  for role, row, n in zip(lim.ROLES, sentences, lengths):
+    assert tokenizer.encode(prompt) + row[:n].tolist() == tokenizer.encode(prompt + f' {role}.')
+    assert tokenizer.decode(row[:n].tolist()).strip() == f'{role}.'
+    assert (row[n:] == 0).all()
 
 
 def test_rate_table_and_amplification_by_stage():
