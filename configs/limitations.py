@@ -22,7 +22,7 @@ PRESETS = {
                  chains_per_k=6, think_steps=3, eval_per_k=3, d_model=16, layers=1,
                  heads=2, seq_len=128, batch=4, rl_iterations=2, rl_prompts=2, train_words=8,
                  test_words=4, per_word=1, train_pairs=6, test_pairs=4, tokenizer_steps=2,
-                 think_d_model=16, think_layers=1, think_heads=2),
+                 think_d_model=24, think_layers=1, think_heads=2),
 }
 
 

@@ -212,6 +212,21 @@ def test_the_whole_study_runs_at_its_test_size(tmp_path):
     assert f'| {part} |' in text
 
 
+@pytest.mark.slow
+def test_think_part_trains_its_arms_at_the_think_size(tmp_path):
+  from configs import limitations as config_lib  # pylint: disable=g-import-not-at-top
+  from experiments import limitations  # pylint: disable=g-import-not-at-top
+  config = config_lib.get_config('test')
+  config.parts = 'think'
+  results = limitations.run(config, tmp_path)
+  for fmt in lim.FORMATS:
+    saved = json.loads((tmp_path / f'think_{fmt}' / 'config.json').read_text())
+    assert saved['model']['d_model'] == config.think.model.d_model != config.model.d_model
+    assert saved['train']['steps'] == config.think.steps
+    assert sum(r['n'] for r in results['think'][fmt]['by_k'].values()) == (
+        config.think.max_k * config.think.eval_per_k)
+
+
 def test_parts_run_apart_add_up_in_one_results_file(tmp_path):
   from configs import limitations as config_lib  # pylint: disable=g-import-not-at-top
   from experiments import limitations  # pylint: disable=g-import-not-at-top
