@@ -110,7 +110,12 @@ def think_section(results) -> list[str]:
   if not t:
     return []
   ks = list(t['steps_first']['by_k'])
-  lines = ['## Tokens to think: accuracy by steps k (95% Wilson intervals)', '',
+  tc = results.get('config', {}).get('think', {})
+  m = dict(results.get('config', {}).get('model', {}), **tc.get('model', {}))
+  size = (f'Each arm: {m["num_layers"]} layers, d={m["d_model"]}, {tc["steps"]} steps from '
+          'scratch, same chains; greedy answers to held-out questions.'
+          if 'num_layers' in m and 'steps' in tc else '')
+  lines = ['## Tokens to think: accuracy by steps k (95% Wilson intervals)', '', size, '',
            '| format | train tokens | ' + ' | '.join(f'k={k}' for k in ks) + ' |',
            '|---|---|' + '---|' * len(ks)]
   for fmt in lim.FORMATS:

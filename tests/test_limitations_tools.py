@@ -155,7 +155,8 @@ def _results():
   rec = dict(right=5, n=10, calls=9, accuracy=0.5, ci=[0.24, 0.76],
              examples=[dict(question='q?', answer='3', gold='3', calls=[])])
   return dict(
-      config=dict(preset='test', seed=0, parts='all'),
+      config=dict(preset='test', seed=0, parts='all', model=dict(d_model=96, num_layers=2),
+                  think=dict(steps=1500, model=dict(d_model=128, num_layers=3))),
       hallucination=dict(before=m, after=m, idk_examples=3, probed_questions=6,
                          people=dict(known=10, unknown_probe=10, unknown_test=10)),
       search=dict(m, known_call_rate=1.0, unknown_call_rate=0.9, call_ok_rate=1.0,
@@ -178,7 +179,8 @@ def test_report_is_rebuilt_from_the_results_file(tmp_path, capsys):
   assert text in capsys.readouterr().out
   for heading in ('## Hallucination', 'search tool SFT (mitigation 2)', '## Bias amplification',
                   '| rl | greedy |', '## Tokens to think', '## The tokenizer view',
-                  '`9.11` → ` 9` · `.` · `11`', '| total | 120 | 100 |'):
+                  '`9.11` → ` 9` · `.` · `11`', '| total | 120 | 100 |',
+                  'Each arm: 3 layers, d=128, 1500 steps'):
     assert heading in text, heading
   for png in ('hallucination', 'bias', 'think', 'tokenizer'):
     assert (tmp_path / f'{png}.png').stat().st_size > 1000
