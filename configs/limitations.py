@@ -57,7 +57,9 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   # 600 steps both arms were still learning (train loss 0.62 / 0.51, falling, against an
   # entropy floor of 0.245 nats/token for these chains) and got even k = 1 wrong; lr 1e-2
   # did worse. At 3 layers, d=128, 1,500 steps: steps-first 0.82/0.86/0.78/0.54 vs
-  # answer-first 0.50/0.16/0.20/0.20 (k = 1..4, 50 each), 12.4 min CPU for both arms.
+  # answer-first 0.50/0.16/0.20/0.20 (k = 1..4, 50 each), 12.4 min CPU for both arms;
+  # d=96, 2 layers at 1,500 steps: 0.90/0.82/0.68/0.44 vs 0.36/0.26/0.26/0.18, 6.5 min
+  # (steps were the main lack; the larger model keeps k = 4's intervals apart).
   c.think = ml_collections.ConfigDict(dict(
       chains_per_k=p['chains_per_k'], max_k=4, steps=p['think_steps'],
       eval_per_k=p['eval_per_k'],
