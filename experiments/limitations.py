@@ -239,11 +239,19 @@ def chains(config) -> tuple[list, list]:
   return train, test
 
 
+def think_arm_config(config: dict) -> dict:
+  """The study config with the think part's own model size (config.think.model) in place
+  of config.model, for its two arms; the other parts keep config.model."""
+  return dict(config, model=dict(config['model'], **config['think'].get('model', {})))
+
+
 def think(config, root, tokenizer, train, test) -> dict:
   out = {}
+  arm_config = think_arm_config(config)
   for fmt in lim.FORMATS:
     texts = [lim.chain_text(c, fmt) for c in train]
-    lm = train_arm(root / f'think_{fmt}', texts, tokenizer, config, config['think']['steps'])
+    lm = train_arm(root / f'think_{fmt}', texts, tokenizer, arm_config,
+                   config['think']['steps'])
     gens = lm.generate_texts([lim.chain_prompt(c, fmt) for c in test], until=['Q:'],
                              max_gen_toks=min(64, lm.max_length // 2))
     right = [lim.parse_answer(fmt, g) == c.answer for c, g in zip(test, gens)]

@@ -87,8 +87,8 @@ def bias_section(results) -> list[str]:
            'rate is reproduced; > 0: exaggerated).', '',
            'SFT = the "I don\'t know" fine-tune (pretraining texts + IDK Q&A); search SFT '
            '= the search-tool fine-tune; RL = GRPO from the SFT model on bias prompts with '
-           'training names, reward 1 for ending the text (eos) within 4 tokens (" <role>." '
-           '+ eos), whatever the role: the reward never mentions the attribute. RL reward by '
+           'training names, reward 1 for a completion that is exactly " <role>." + eos for '
+           'any role alike: blind to which role, but one must be named. RL reward by '
            f'iteration: {[round(h["reward"], 2) for h in b["rl_history"]]}; final KL '
            f'{_f(b["rl_history"][-1]["kl"]) if b["rl_history"] else "—"} nats.', '',
            '| stage | decoding | counts (role × group) | valid | P(role0 \\| group) | '
@@ -110,7 +110,12 @@ def think_section(results) -> list[str]:
   if not t:
     return []
   ks = list(t['steps_first']['by_k'])
-  lines = ['## Tokens to think: accuracy by steps k (95% Wilson intervals)', '',
+  tc = results.get('config', {}).get('think', {})
+  m = dict(results.get('config', {}).get('model', {}), **tc.get('model', {}))
+  size = (f'Each arm: {m["num_layers"]} layers, d={m["d_model"]}, {tc["steps"]} steps from '
+          'scratch, same chains; greedy answers to held-out questions.'
+          if 'num_layers' in m and 'steps' in tc else '')
+  lines = ['## Tokens to think: accuracy by steps k (95% Wilson intervals)', '', size, '',
            '| format | train tokens | ' + ' | '.join(f'k={k}' for k in ks) + ' |',
            '|---|---|' + '---|' * len(ks)]
   for fmt in lim.FORMATS:

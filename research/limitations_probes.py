@@ -4,7 +4,7 @@
                    scored like `limitations.option_probabilities` with "I don't know" first
   tool_answers     greedy answers of the tokenizer-view model, with or without the python
                    tool, scored against the gold answers
-  rl_bias          GRPO (research/ppo.py) on bias prompts with a reward blind to the role
+  rl_bias          GRPO (research/ppo.py) on bias prompts, reward 1 for naming any role
 
 Functions of a model's params and the data of research/limitations*.py; no files are
 read or written (the python tool runs its code in research/tools/python_sandbox.py).
@@ -130,17 +130,37 @@ def tool_answers(lm, train, test) -> dict:
   return out
 
 
+def role_sentences(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """The tokens of ' <role>.' for every role of `lim.ROLES`, as they follow a bias prompt
+  -> (sentences R×L int32, zero-padded; lengths R int32). Raises ValueError when the
+  prompt's tokens change with the role (the continuation would not be well defined)."""
+  prompt = lim.bias_prompt(lim.bias_names()[0], lim.GROUPS[0])
+  head = tokenizer.encode(prompt)
+  rows = []
+  for role in lim.ROLES:
+    ids = list(tokenizer.encode(prompt + f' {role}.'))
+    if ids[:len(head)] != list(head):
+      raise ValueError(f'role {role!r}: the bias prompt tokenizes differently before it')
+    rows.append(ids[len(head):])
+  width = max(map(len, rows))
+  return (np.asarray([r + [0] * (width - len(r)) for r in rows], np.int32),
+          np.asarray([len(r) for r in rows], np.int32))
+
+
 def rl_bias(config, lm, seed: int):
   """GRPO (research/ppo.py) from `lm` on bias prompts with training-style names, reward
-  `closed_sentence_reward` (1 for ' <role>.' then eos within 4 tokens, blind to the
-  role). Returns (a copy of `lm` with the RL params, metrics per iteration)."""
+  `role_sentence_reward`: 1 for ' <role>.' then eos, for any role of lim.ROLES alike
+  (blind to which role, but a role must be named). Returns (a copy of `lm` with the RL
+  params, metrics per iteration)."""
   rc = config['rl']
   tokenizer = lm.tokenizer
   stop = tokenizer.eos_id  # training texts end '... is a farmer.' + eos
-  cfg = ppo_lib.PPOConfig(beta=rc['beta'], epochs=2, max_new_tokens=6, advantage='grpo',
-                          group_size=rc['group_size'], no_eos_penalty=0.0)
+  sentences_RxL, lengths_R = role_sentences(tokenizer)
+  cfg = ppo_lib.PPOConfig(beta=rc['beta'], epochs=2, max_new_tokens=int(lengths_R.max()) + 2,
+                          advantage='grpo', group_size=rc['group_size'], no_eos_penalty=0.0)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(rc['learning_rate']))
-  reward = lambda p, l, resp, valid: lt.closed_sentence_reward(resp, valid, stop)
+  reward = lambda p, l, resp, valid: lt.role_sentence_reward(resp, valid, sentences_RxL,
+                                                             lengths_R, stop)
   model = model_lib.Transformer(lm.cfg)
   iteration = jax.jit(ppo_lib.make_ppo_iteration(model, None, None, reward, tx, None, cfg,
                                                  stop, pad_id=0), donate_argnums=0)

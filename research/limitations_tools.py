@@ -233,15 +233,33 @@ def tokenizer_texts(items) -> list:
 # -- RL reward --------------------------------------------------------------------------------
 
 
-def closed_sentence_reward(response_BxN, valid_BxN, stop_id: int, max_tokens: int = 4):
-  """1.0 for a response that ends at `stop_id` (e.g. eos after ' farmer.') within
-  `max_tokens` tokens (stop included), else 0.0 -> float32 [B]. Blind to which words
-  come before the stop (so to the role a bias prompt is completed with). jittable.
-  valid_BxN: True for generated tokens up to and including the stop (sampling's mask)."""
+def role_sentence_reward(response_BxN, valid_BxN, sentences_SxL, lengths_S, stop_id: int):
+  """1.0 for a response that is exactly one of the S role sentences (e.g. the tokens of
+  ' farmer.' or ' sailor.') then `stop_id`, else 0.0 -> float32 [B]. Every listed sentence
+  earns the same reward, so the reward does not prefer a role, but a response must still
+  name one: a short or empty answer earns nothing (the earlier reward, 1 for any text
+  closed by eos within 4 tokens, was met only by *not* naming a role, since ' farmer.'
+  is 6 tokens of the study's vocabulary). jittable.
+
+  response_BxN int; valid_BxN bool, True for generated tokens up to and including the
+  stop (sampling's mask); sentences_SxL int, each row's first lengths_S[s] entries the
+  sentence (the rest any padding). Needs N > max(lengths_S)."""
+  response = jnp.asarray(response_BxN)
   valid = jnp.asarray(valid_BxN, bool)
-  stopped = jnp.any((jnp.asarray(response_BxN) == stop_id) & valid, axis=1)
-  short = valid.sum(axis=1) <= max_tokens
-  return (stopped & short).astype(jnp.float32)
+  sentences = jnp.asarray(sentences_SxL)
+  lengths = jnp.asarray(lengths_S)
+  n, width = response.shape[1], sentences.shape[1]
+  if n <= width:
+    raise ValueError(f'responses of {n} tokens cannot hold a {width}-token sentence and '
+                     'its stop')
+  pos_L = jnp.arange(width)
+  in_sentence_SxL = pos_L[None, :] < lengths[:, None]
+  same_BxSxL = response[:, None, :width] == sentences[None]
+  words_BxS = jnp.all(same_BxSxL | ~in_sentence_SxL[None], axis=2)
+  rows = jnp.arange(response.shape[0])[:, None]
+  stops_BxS = response[rows, lengths[None, :]] == stop_id
+  ends_BxS = valid.sum(axis=1)[:, None] == lengths[None, :] + 1
+  return jnp.any(words_BxS & stops_BxS & ends_BxS, axis=1).astype(jnp.float32)
 
 
 def rate_table(counts_OxG) -> np.ndarray:

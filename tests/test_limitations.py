@@ -95,3 +95,17 @@ def test_unknown_part_is_an_error_before_anything_is_written(tmp_path):
   with pytest.raises(common.UserError, match='telepathy'):
     limitations.run(config, tmp_path / 'run')
   assert not (tmp_path / 'run').exists()
+
+
+def test_think_arms_get_their_own_model_size():
+  from configs import limitations as config_lib  # pylint: disable=g-import-not-at-top
+  from experiments import limitations  # pylint: disable=g-import-not-at-top
+  config = config_lib.get_config('default').to_dict()
+  arm = limitations.think_arm_config(config)
+  assert arm['model'] == dict(config['model'], **config['think']['model'])
+  assert arm['model']['d_model'] != config['model']['d_model']
+  assert config['model']['d_model'] == 96  # the other parts keep theirs
+  cfg = limitations.lm_config(arm, 512, config['think']['steps'])
+  assert (cfg['model']['d_model'], cfg['model']['num_layers']) == (128, 3)
+  assert cfg['optimizer']['total_steps'] == cfg['train']['steps'] == 1500
+

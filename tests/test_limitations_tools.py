@@ -93,20 +93,42 @@ def test_after_tools_splits_at_the_last_result_block():
   assert after_tools(gen, 1) == ([], [80, 81])  # no call: the context is the prompt
 
 
-def test_closed_sentence_reward_is_blind_to_the_word():
+def test_role_sentence_reward_pays_any_role_alike_and_only_a_role():
   stop = 7
-  response = np.array([[11, 5, stop, 0, 0],    # ' farmer' '.' eos
-                       [12, 5, stop, 0, 0],    # ' sailor' '.' eos
-                       [11, 13, 14, 15, 16],   # never closes
-                       [11, 13, 14, 5, stop],  # closes after five tokens
-                       [stop, 0, 0, 0, 0]])    # eos at once: closed too
-  valid = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1],
-                    [1, 0, 0, 0, 0]], bool)
-  np.testing.assert_array_equal(lt.closed_sentence_reward(response, valid, stop, 4),
-                                [1, 1, 0, 0, 1])
-  # A stop token in the padding does not count.
-  assert lt.closed_sentence_reward(np.array([[11, 13, stop]]), np.array([[1, 1, 0]], bool),
-                                   stop)[0] == 0
+  # ' farmer.' as 3 tokens, ' sailor.' as 2 (padded with 0).
+  sentences = np.array([[11, 21, 5], [12, 5, 0]])
+  lengths = np.array([3, 2])
+  response = np.array([[11, 21, 5, stop, 0, 0],   # ' farmer.' eos
+                       [12, 5, stop, 0, 0, 0],    # ' sailor.' eos
+                       [5, stop, 0, 0, 0, 0],     # '.' eos: closed, short, names no role
+                       [stop, 0, 0, 0, 0, 0],     # eos at once
+                       [11, 21, 5, 11, 21, 5],    # ' farmer.' not closed
+                       [12, 21, 5, stop, 0, 0],   # a role-like start, another word
+                       [11, 21, stop, 0, 0, 0]])  # ' farmer' with no full stop
+  valid = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0],
+                    [1, 0, 0, 0, 0, 0], [1] * 6, [1, 1, 1, 1, 0, 0],
+                    [1, 1, 1, 0, 0, 0]], bool)
+  np.testing.assert_array_equal(lt.role_sentence_reward(response, valid, sentences, lengths,
+                                                         stop), [1, 1, 0, 0, 0, 0, 0])
+  # A stop in the padding (not sampled) does not close the sentence.
+  assert lt.role_sentence_reward(np.array([[12, 5, stop, 0]]),
+                                 np.array([[1, 1, 0, 0]], bool), sentences, lengths,
+                                 stop)[0] == 0
+  with pytest.raises(ValueError, match='cannot hold'):
+    lt.role_sentence_reward(response[:, :3], valid[:, :3], sentences, lengths, stop)
+
+
+def test_role_sentences_are_the_tokens_after_a_bias_prompt(tmp_path):
+  from research import limitations_probes as probes
+  from research import tokenizer as tokenizer_lib
+  texts, _ = lim.bias_sentences(300, 0.7, 0)
+  tokenizer = tokenizer_lib.train_tokenizer(texts, vocab_size=512, seed=0)
+  sentences, lengths = probes.role_sentences(tokenizer)
+  prompt = lim.bias_prompt('Zana', lim.GROUPS[1])
+  for role, row, n in zip(lim.ROLES, sentences, lengths):
+    assert tokenizer.encode(prompt) + row[:n].tolist() == tokenizer.encode(prompt + f' {role}.')
+    assert tokenizer.decode(row[:n].tolist()).strip() == f'{role}.'
+    assert (row[n:] == 0).all()
 
 
 def test_rate_table_and_amplification_by_stage():
@@ -133,7 +155,8 @@ def _results():
   rec = dict(right=5, n=10, calls=9, accuracy=0.5, ci=[0.24, 0.76],
              examples=[dict(question='q?', answer='3', gold='3', calls=[])])
   return dict(
-      config=dict(preset='test', seed=0, parts='all'),
+      config=dict(preset='test', seed=0, parts='all', model=dict(d_model=96, num_layers=2),
+                  think=dict(steps=1500, model=dict(d_model=128, num_layers=3))),
       hallucination=dict(before=m, after=m, idk_examples=3, probed_questions=6,
                          people=dict(known=10, unknown_probe=10, unknown_test=10)),
       search=dict(m, known_call_rate=1.0, unknown_call_rate=0.9, call_ok_rate=1.0,
@@ -156,7 +179,8 @@ def test_report_is_rebuilt_from_the_results_file(tmp_path, capsys):
   assert text in capsys.readouterr().out
   for heading in ('## Hallucination', 'search tool SFT (mitigation 2)', '## Bias amplification',
                   '| rl | greedy |', '## Tokens to think', '## The tokenizer view',
-                  '`9.11` → ` 9` · `.` · `11`', '| total | 120 | 100 |'):
+                  '`9.11` → ` 9` · `.` · `11`', '| total | 120 | 100 |',
+                  'Each arm: 3 layers, d=128, 1500 steps'):
     assert heading in text, heading
   for png in ('hallucination', 'bias', 'think', 'tokenizer'):
     assert (tmp_path / f'{png}.png').stat().st_size > 1000
@@ -188,6 +212,21 @@ def test_the_whole_study_runs_at_its_test_size(tmp_path):
   assert text == limitations_report.write(tmp_path)
   for part in limitations.PARTS:
     assert f'| {part} |' in text
+
+
+@pytest.mark.slow
+def test_think_part_trains_its_arms_at_the_think_size(tmp_path):
+  from configs import limitations as config_lib  # pylint: disable=g-import-not-at-top
+  from experiments import limitations  # pylint: disable=g-import-not-at-top
+  config = config_lib.get_config('test')
+  config.parts = 'think'
+  results = limitations.run(config, tmp_path)
+  for fmt in lim.FORMATS:
+    saved = json.loads((tmp_path / f'think_{fmt}' / 'config.json').read_text())
+    assert saved['model']['d_model'] == config.think.model.d_model != config.model.d_model
+    assert saved['train']['steps'] == config.think.steps
+    assert sum(r['n'] for r in results['think'][fmt]['by_k'].values()) == (
+        config.think.max_k * config.think.eval_per_k)
 
 
 def test_parts_run_apart_add_up_in_one_results_file(tmp_path):
