@@ -109,7 +109,11 @@ def test_two_processes_train_as_one_process_with_the_same_devices(runs):
   v1, v2 = (json.loads((root / w / 'summary.json').read_text())['validation']
             for w in ('one', 'two'))
   assert v2['causal_loss'] == pytest.approx(v1['causal_loss'], abs=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params(root / 'one'),
+  # Params after 6 AdamW steps: the all-reduce sums in another order on 2 processes, and
+  # Adam's normalised update turns a 1e-7 gradient difference where a gradient is near 0
+  # into ~1e-5 (measured: 1.6e-5 on one of 8,192 head entries) while the losses agree to
+  # 1e-6; a batch fed wrongly shows in the losses, checked above at 1e-5.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5), params(root / 'one'),
                params(root / 'two'))
 
 
