@@ -18,7 +18,6 @@ one-line error, exit 2, before anything is written.
 """
 import collections
 import difflib
-import json
 import math
 import os
 import pathlib

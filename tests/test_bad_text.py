@@ -8,7 +8,6 @@ and `chat`, and no metric over zero items that looks like a number.
 """
 import gzip
 import json
-import pathlib
 
 import jax
 import numpy as np

@@ -1,7 +1,6 @@
 """Scaling-law fits on synthetic runs from a known L(N, D), and the sweep's CSV and restart."""
 import csv
 import json
-import pathlib
 import re
 
 import numpy as np

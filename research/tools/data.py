@@ -27,7 +27,6 @@ results are context (loss mask False).
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 
