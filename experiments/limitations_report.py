@@ -186,6 +186,10 @@ def report(results: dict) -> str:
   if c:
     done = ','.join(p for p in PART_ORDER if p in results)
     lines += [f'preset `{c.get("preset")}`, seed {c.get("seed")}, parts `{done}`', '']
+    missing = [p for p in PART_ORDER if p not in results]
+    if missing:
+      lines += [f'Not run at this size: {", ".join(missing)}; the whole study at its default '
+                'size: `python -m experiments.limitations --workdir=runs/limitations`.', '']
   for section in (hallucination_section, bias_section, think_section, tokenizer_section,
                   timing_section):
     lines += section(results)

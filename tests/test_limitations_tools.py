@@ -185,6 +185,9 @@ def test_report_is_rebuilt_from_the_results_file(tmp_path, capsys):
   for png in ('hallucination', 'bias', 'think', 'tokenizer'):
     assert (tmp_path / f'{png}.png').stat().st_size > 1000
     assert f'({png}.png)' in text
+  assert 'Not run at this size' not in text
+  partial = {k: v for k, v in _results().items() if k not in ('think', 'search')}
+  assert 'Not run at this size: search, think;' in limitations_report.report(partial)
   empty = tmp_path / 'empty'
   empty.mkdir()
   assert limitations_report.main(['x', f'--workdir={empty}']) == 2
