@@ -30,15 +30,18 @@ Presets:
   small  the `small` model (13.8M), longer stages: an hour or more on 2 CPU cores
   gpu    the `gpu` model on one accelerator
   pod    the `gpu` preset over every device of every host (jax.distributed): only the
-         mesh differs, data-parallel over all devices (`mesh.shape=(-1, 1, 1)`) for
-         pretraining and SFT. Launch one process per host with the coordinator in the
-         environment, e.g. on a laptop, 2 processes × 4 CPU devices:
+         meshes differ, data-parallel over all devices (`mesh.shape=(-1, 1, 1)`) for
+         pretraining, SFT, the reward model and RL or DPO. Launch one process per host
+         with the coordinator in the environment, e.g. on a laptop, 2 processes × 4 CPU
+         devices:
            python -m experiments.launch --processes=2 --devices_per_process=4 -- \
                python -m experiments.pipeline --config=configs/pipeline.py:pod
          on a TPU slice `gcloud compute tpus tpu-vm ssh NAME --worker=all --command=
          "python -m experiments.pipeline --config=configs/pipeline.py:pod"`, on SLURM
          `srun`; `common.maybe_initialize_distributed` calls `jax.distributed.initialize`.
-         The reward model, RL and evaluation run on one device of each process.
+         The PPO batch must split over all devices (64 = 2 minibatches of 32 fits 32).
+         After RL every process leaves jax.distributed and process 0 evaluates as a
+         one-process run of the same command (experiments/pipeline.py `main`).
   test   seconds per stage, for tests
 Every preset prints a progress line with ETA per loop and, at each stage, the overall
 ETA from `budget_minutes` (the stages' expected minutes, rescaled by how the finished
@@ -168,8 +171,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     lc.parts, lc.tokenizer_view.steps = sl['parts'], sl['tokenizer_steps']
 
   if preset == 'pod':  # data-parallel over every device of every process
-    c.pretrain.mesh.shape = (-1, 1, 1)
-    c.sft.mesh.shape = (-1, 1, 1)
+    for stage in (c.pretrain, c.sft, c.rlhf, c.dpo):
+      stage.mesh.shape = (-1, 1, 1)
   if preset == 'test':
     # The tiny test model's corpus is small: prompts from short sentences.
     r.data.min_sentence_words, r.data.min_words, r.data.max_words = 6, 2, 4

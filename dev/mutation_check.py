@@ -464,6 +464,10 @@ MUTATIONS = [
     Mutation('rl_method_estimator_unset', 'experiments/pipeline.py',
              '    config.rlhf.ppo.advantage = method\n', '',
              ('tests/test_pipeline.py', '-k', 'rl_method'), 'config'),
+    Mutation('pipeline_evaluates_on_every_process', 'experiments/pipeline.py',
+             "if stage == 'evaluate' and jax.process_count() > 1:",
+             "if stage == 'evaluate' and jax.process_count() > 99:",
+             ('tests/test_pipeline_processes.py',), 'processes'),
 ]
 
 

@@ -174,6 +174,35 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def one_process_env(env) -> dict:
+  """`env` without what makes `maybe_initialize_distributed` start jax.distributed: a
+  command run with it is a one-process program. On a TPU slice the accelerator needs
+  every host, so that program runs on the host's CPU (JAX_PLATFORMS=cpu)."""
+  env = {k: v for k, v in env.items()
+         if k not in ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES',
+                      'JAX_PROCESS_ID', 'LAUNCH_CPU_COLLECTIVES')}
+  if ',' in env.get('TPU_WORKER_HOSTNAMES', ''):
+    env.pop('TPU_WORKER_HOSTNAMES')
+    env['JAX_PLATFORMS'] = 'cpu'
+  if 'SLURM_NTASKS' in env:
+    env['SLURM_NTASKS'] = '1'
+  return env
+
+
+def barrier(name: str, timeout_hours: float = 24.0) -> None:
+  """Every process waits here until all have arrived; nothing on one process.
+
+  The distributed service's barrier, not a device collective: it holds while process 0
+  writes files the others then read (the pipeline's moved folders, DPO's pairs), however
+  long that takes, and it fails as soon as the service sees a process die. `name` must be
+  new for each use in a run.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  distributed.global_state.client.wait_at_barrier(name, int(timeout_hours * 3600e3))
+
+
 def make_mesh(shape) -> jax.sharding.Mesh:
   """Mesh from config; one -1 entry takes all remaining devices."""
   shape = list(shape)

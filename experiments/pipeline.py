@@ -30,7 +30,9 @@ experiments.pipeline_report, and the last lines printed are the headline (word p
 with the calculator vs without), where the report is and the next commands to try.
 """
 import json
+import os
 import pathlib
+import sys
 import time
 
 import jax
@@ -130,6 +132,7 @@ def dpo_pairs(rc: dict, workdir: pathlib.Path, sft_dir) -> tuple[tuple[dict, dic
     if jax.process_index() == 0:
       checkpoint_lib.write_json_atomic(workdir / 'pairs.json', stats)
       np.savez(path, **arrays)
+    common.barrier('pipeline:dpo_pairs')  # the others read what process 0 wrote
   with np.load(path) as z:
     split = lambda prefix: {k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}
     pairs = (split('train/'), split('held/'))
@@ -185,9 +188,10 @@ def run(config, workdir) -> dict:
   """Runs (or resumes) every stage in order; returns the report card's dict."""
   check_config(config)
   workdir = pathlib.Path(workdir)
-  if config.from_stage:
+  if config.from_stage and jax.process_index() == 0:
     _move_aside(workdir, config.from_stage)
   workdir.mkdir(parents=True, exist_ok=True)
+  common.barrier('pipeline:start')  # every process sees the folders after the move
   times_path = workdir / TIMES_FILE
   times = json.loads(times_path.read_text()) if times_path.exists() else {}
   cpu_path = workdir / CPU_FILE
@@ -200,6 +204,10 @@ def run(config, workdir) -> dict:
     if _done(workdir, stage):
       common.log(f'== [{i}/{len(STAGES)}] {stage}: done before, skipped')
       continue
+    if stage == 'evaluate' and jax.process_count() > 1:
+      # The evaluation (sampling with live tools, the harness, the limitation models) is
+      # a one-process program: `main` hands it to process 0 as a fresh single process.
+      return dict(evaluate_as_one_process=True)
     eta = overall_eta(config, times, this_run, i - 1)
     common.log(f'\n== [{i}/{len(STAGES)}] {stage} in {workdir / stage}  (overall: '
                f'{(time.time() - start_all) / 60:.1f} min so far, about {eta / 60:.1f} min '
@@ -255,6 +263,19 @@ def closing_lines(card: dict, workdir) -> str:
 def main(config, workdir):
   common.maybe_initialize_distributed()
   card = run(config, workdir)
+  if card.get('evaluate_as_one_process'):
+    # Every process leaves jax.distributed together (its shutdown is a barrier); process 0
+    # then becomes the same command as one process (same pid, so a launcher keeps
+    # waiting on it), which skips the finished stages, evaluates and writes the card.
+    first = jax.process_index() == 0
+    common.log('== evaluate: on process 0 alone, as a one-process run of the same command')
+    sys.stdout.flush()
+    sys.stderr.flush()
+    jax.distributed.shutdown()
+    if first:
+      os.execve(sys.executable, [sys.executable, '-m', 'experiments.pipeline', *sys.argv[1:],
+                                 '--config.from_stage='], common.one_process_env(os.environ))
+    return
   if card:
     common.log(closing_lines(card, workdir))
 

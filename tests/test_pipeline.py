@@ -201,10 +201,11 @@ def test_every_preset_builds_and_pod_only_changes_the_mesh():
     assert set(config.budget_minutes) == set(pipeline.STAGES)
     assert config.sft.data.weights.calculator > 0 and config.sft.data.tools_in_system
   gpu, pod = (pipeline_config.get_config(p).to_dict() for p in ('gpu', 'pod'))
-  assert pod['pretrain']['mesh']['shape'] == (-1, 1, 1) and pod['sft']['mesh']['shape'] == (-1, 1, 1)
+  stages = ('pretrain', 'sft', 'rlhf', 'dpo')  # every stage that trains on a mesh
+  assert all(pod[stage]['mesh']['shape'] == (-1, 1, 1) for stage in stages)
   for config in (gpu, pod):
     config['preset'] = None
-    for stage in ('pretrain', 'sft'):
+    for stage in stages:
       config[stage]['mesh']['shape'] = None
   assert gpu == pod
 
