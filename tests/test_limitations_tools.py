@@ -211,25 +211,16 @@ def test_the_whole_study_runs_at_its_test_size(tmp_path):
   v = saved['tokenizer']
   assert v['by_task']['count']['tool']['n'] == 2 * config.tokenizer_view.test_words
   assert v['by_task']['compare']['direct']['n'] == config.tokenizer_view.test_pairs
+  for fmt in lim.FORMATS:  # the think arms train at their own size
+    arm = json.loads((tmp_path / f'think_{fmt}' / 'config.json').read_text())
+    assert arm['model']['d_model'] == config.think.model.d_model != config.model.d_model
+    assert arm['train']['steps'] == config.think.steps
+    assert sum(r['n'] for r in results['think'][fmt]['by_k'].values()) == (
+        config.think.max_k * config.think.eval_per_k)
   text = (tmp_path / 'report.md').read_text()
   assert text == limitations_report.write(tmp_path)
   for part in limitations.PARTS:
     assert f'| {part} |' in text
-
-
-@pytest.mark.slow
-def test_think_part_trains_its_arms_at_the_think_size(tmp_path):
-  from configs import limitations as config_lib  # pylint: disable=g-import-not-at-top
-  from experiments import limitations  # pylint: disable=g-import-not-at-top
-  config = config_lib.get_config('test')
-  config.parts = 'think'
-  results = limitations.run(config, tmp_path)
-  for fmt in lim.FORMATS:
-    saved = json.loads((tmp_path / f'think_{fmt}' / 'config.json').read_text())
-    assert saved['model']['d_model'] == config.think.model.d_model != config.model.d_model
-    assert saved['train']['steps'] == config.think.steps
-    assert sum(r['n'] for r in results['think'][fmt]['by_k'].values()) == (
-        config.think.max_k * config.think.eval_per_k)
 
 
 def test_parts_run_apart_add_up_in_one_results_file(tmp_path):

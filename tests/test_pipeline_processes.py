@@ -1,6 +1,7 @@
 """The whole pipeline on 2 processes × 4 devices (experiments.launch), as the `pod` preset
 runs it: the training stages over all 8 devices, then the evaluation on process 0 as a
-one-process run, and the report card names every stage."""
+one-process run (at its smallest: no limitation parts), and the report card names every
+stage."""
 import json
 import os
 import sys
@@ -18,7 +19,9 @@ def test_the_pipeline_trains_on_two_processes_and_evaluates_on_process_0(tmp_pat
   workdir = tmp_path / 'run'
   command = [sys.executable, '-m', 'experiments.pipeline', '--config=configs/pipeline.py:test',
              f'--workdir={workdir}', f'--config.pretrain.data.corpus={corpus}',
-             f'--config.rlhf.data.corpus={corpus}', '--config.rlhf.ppo.batch_size=16']
+             f'--config.rlhf.data.corpus={corpus}', '--config.rlhf.ppo.batch_size=16',
+             # The evaluation's contents are tests/test_pipeline.py's: here only who runs it.
+             '--config.evaluate.limitations.parts=', '--config.evaluate.ks=(1,)']
   command += [f'--config.{s}.mesh.shape=(-1,1,1)' for s in ('pretrain', 'sft', 'rlhf')]
   old = dict(os.environ)
   os.environ.update(XLA_FLAGS=FAST_XLA)  # the launcher adds the device count
