@@ -152,7 +152,11 @@ def test_checkpoint_from_8_device_mesh_restores_onto_other_meshes(corpus, tmp_pa
   """A 5-step run on a (2,2,2) mesh, its last checkpoint deleted (as if killed after
   step 4's), resumes on three meshes: each takes only step 5, and its loss equals the
   uninterrupted run's."""
-  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
+  # XLA's backend optimisation and fusion emitters off (as tests/test_multihost.py): the
+  # four short runs are mostly compilation, and every run here compiles the same way.
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8 '
+                      '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false',
+         'JAX_PLATFORMS': 'cpu'}
   source = tmp_path / 'mesh222'
   run(pretrain_cmd(source, overrides(corpus, steps=5) + ['--config.mesh.shape=(2,2,2)']),
       env=env)
