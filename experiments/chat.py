@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import common
 from research import chat
 from research import checkpoint as checkpoint_lib
 from research import model as model_lib
@@ -39,8 +40,7 @@ from research import tokenizer as tokenizer_lib
 from research.tools import registry as tool_registry
 from research.tools import runtime as tool_runtime
 
-class UserError(Exception):
-  """Printed as one line."""
+UserError = common.UserError  # one line, exit 2 (common.run_main)
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'cache_len'))
@@ -248,5 +248,4 @@ def main(argv, chat_flags):
 
 if __name__ == '__main__':
   chat_flags = define_flags()
-  from experiments import common  # pylint: disable=g-import-not-at-top
   common.run_main(lambda argv: main(argv, chat_flags))  # (a bad flag: one line, exit 2)

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import common
 from research import checkpoint as checkpoint_lib
 from research import model as model_lib
 from research import objectives as objectives_lib
@@ -57,8 +58,7 @@ def define_flags() -> None:
   _TOP_P = flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling mass (1: off).')
   _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 
-class UserError(Exception):
-  """Printed as one line."""
+UserError = common.UserError  # one line, exit 2 (common.run_main)
 
 
 def continue_texts(params, cfg, tokenizer, objective: objectives_lib.Objective, prompts, *, max_new_tokens,
@@ -192,5 +192,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  from experiments import common  # pylint: disable=g-import-not-at-top
   common.run_main(main)  # (a bad flag: one line, exit 2)
