@@ -468,6 +468,10 @@ MUTATIONS = [
              "if stage == 'evaluate' and jax.process_count() > 1:",
              "if stage == 'evaluate' and jax.process_count() > 99:",
              ('tests/test_pipeline_processes.py',), 'processes'),
+    Mutation('one_process_env_keeps_a_coordinator', 'experiments/common.py',
+             "if k not in ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES',",
+             "if k not in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES',",
+             ('tests/test_pipeline_processes.py', '-k', 'one_process_environment'), 'processes'),
 ]
 
 

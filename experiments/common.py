@@ -158,25 +158,34 @@ def run_experiment(main_fn, default_config: str, default_workdir: str):
   run_main(main, argv=argv)
 
 
+def _launched(env) -> bool:
+  return 'JAX_NUM_PROCESSES' in env and 'JAX_PROCESS_ID' in env  # experiments.launch
+
+
+def distributed_env(env) -> bool:
+  """Whether `env` describes a multi-host run: experiments.launch (local processes,
+  gloo collectives), a coordinator address, a TPU pod slice, SLURM with several tasks."""
+  return _launched(env) or any(k in env for k in ('JAX_COORDINATOR_ADDRESS',
+                                                  'COORDINATOR_ADDRESS')) or (
+      ',' in env.get('TPU_WORKER_HOSTNAMES', '')) or int(env.get('SLURM_NTASKS', '1')) > 1
+
+
 def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() when a multi-host environment is set: experiments.launch
-  (local processes, gloo collectives), TPU pods, SLURM."""
+  """jax.distributed.initialize() when `distributed_env(os.environ)`."""
   env = os.environ
-  if 'JAX_NUM_PROCESSES' in env and 'JAX_PROCESS_ID' in env:  # experiments.launch
+  if _launched(env):
     if env.get('LAUNCH_CPU_COLLECTIVES'):
       jax.config.update('jax_cpu_collectives_implementation', env['LAUNCH_CPU_COLLECTIVES'])
     jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
                                num_processes=int(env['JAX_NUM_PROCESSES']),
                                process_id=int(env['JAX_PROCESS_ID']))
-  elif any(k in env for k in ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS')) or (
-      'TPU_WORKER_HOSTNAMES' in env and ',' in env['TPU_WORKER_HOSTNAMES']) or (
-          int(env.get('SLURM_NTASKS', '1')) > 1):
+  elif distributed_env(env):
     jax.distributed.initialize()
 
 
 def one_process_env(env) -> dict:
-  """`env` without what makes `maybe_initialize_distributed` start jax.distributed: a
-  command run with it is a one-process program. On a TPU slice the accelerator needs
+  """`env` without what makes `distributed_env` true: a command run with it is a
+  one-process program. On a TPU slice the accelerator needs
   every host, so that program runs on the host's CPU (JAX_PLATFORMS=cpu)."""
   env = {k: v for k, v in env.items()
          if k not in ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES',

@@ -109,18 +109,24 @@ def _prompts(rc: dict, sft_dir, tokenizer) -> rl_tasks.Prompts:
     raise common.UserError(str(e)) from None
 
 
+def _rollouts(rc: dict, sft_dir):
+  """(SFT params, tokenizer, prompts, rollout programs) for sampling the SFT policy."""
+  params, init_config, tokenizer = checkpoint_lib.load_stage(sft_dir)
+  policy_cfg = model_lib.TransformerConfig.from_dict(init_config['model'])
+  prompts = _prompts(rc, sft_dir, tokenizer)
+  programs = ppo.RolloutPrograms.make(policy_cfg, None, n=rc['ppo']['max_new_tokens'],
+                                      stop_id=prompts.stop_id, pad_id=tokenizer.pad_id,
+                                      close=rc['score_with_stop'], fast=rc['fast_compile'])
+  return params, tokenizer, prompts, programs
+
+
 def dpo_pairs(rc: dict, workdir: pathlib.Path, sft_dir) -> tuple[tuple[dict, dict], dict]:
   """The pairs the proxy reward model would train on (rl_tasks.policy_gold_pairs: 2k samples of the
   SFT policy per prompt, paired and labelled by gold), sampled once and kept in
   WORKDIR/pairs.npz so a resumed DPO run reads the same ones."""
   path = workdir / PAIRS_FILE
   if not path.exists():
-    params, init_config, tokenizer = checkpoint_lib.load_stage(sft_dir)
-    policy_cfg = model_lib.TransformerConfig.from_dict(init_config['model'])
-    prompts = _prompts(rc, sft_dir, tokenizer)
-    programs = ppo.RolloutPrograms.make(policy_cfg, None, n=rc['ppo']['max_new_tokens'],
-                                        stop_id=prompts.stop_id, pad_id=tokenizer.pad_id,
-                                        close=rc['score_with_stop'], fast=rc['fast_compile'])
+    params, tokenizer, prompts, programs = _rollouts(rc, sft_dir)
     try:
       (train, held), stats = rl_tasks.policy_gold_pairs(programs, params, prompts, tokenizer,
                                                         rl_tasks.make_gold(rc['gold']), rc)
@@ -150,16 +156,11 @@ def run_dpo(config, workdir: pathlib.Path, sft_dir) -> dict:
     if jax.process_index() == 0:
       checkpoint_lib.write_json_atomic(workdir / dpo.SUMMARY_FILE, summary)
     return dict(interrupted=True)
-  _, init_config, tokenizer = checkpoint_lib.load_stage(sft_dir)
-  policy_cfg = model_lib.TransformerConfig.from_dict(init_config['model'])
-  prompts = _prompts(rc, sft_dir, tokenizer)
-  programs = ppo.RolloutPrograms.make(policy_cfg, None, n=rc['ppo']['max_new_tokens'],
-                                      stop_id=prompts.stop_id, pad_id=tokenizer.pad_id,
-                                      close=rc['score_with_stop'], fast=rc['fast_compile'])
+  sft_params, tokenizer, prompts, programs = _rollouts(rc, sft_dir)
   gold = rl_tasks.make_gold(rc['gold'])
   evals = {}
   for name, folder in (('start', sft_dir), ('end', workdir)):
-    params = checkpoint_lib.load_stage(folder)[0]
+    params = sft_params if name == 'start' else checkpoint_lib.load_stage(folder)[0]
     out = rl_tasks.sample_rows(programs, params, list(prompts.eval_ids),
                                batch=rc['ppo']['batch_size'], width=rc['data']['max_prompt_tokens'],
                                key=jax.random.key(rc['seed'] + 303))

@@ -51,13 +51,15 @@ def one_process(args, env=None):
   assert out.returncode == 0, out.stderr[-3000:]
 
 
-def two_processes(args, env=None, check=True):
+def two_processes(args, env=None, check=True, out=None, timeout_seconds=600):
+  """Runs `python ARGS` as 2 processes × 4 devices; their output goes to `out` (a file;
+  discarded when None)."""
   old = dict(os.environ)
   os.environ.update(env or {}, XLA_FLAGS=FAST_XLA)  # the launcher adds the device count
   try:
-    log = open(os.devnull, 'w')
-    code = launch.launch([sys.executable, *args], 2, 4, timeout_seconds=600, grace_seconds=3,
-                         out=log)
+    log = out or open(os.devnull, 'w')
+    code = launch.launch([sys.executable, *args], 2, 4, timeout_seconds=timeout_seconds,
+                         grace_seconds=3, out=log)
   finally:
     os.environ.clear()
     os.environ.update(old)
